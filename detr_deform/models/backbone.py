@@ -1,0 +1,122 @@
+"""ResNet backbone returning C3-C5 (or C5) with per-level padding masks, and the
+Joiner that pairs it with the position embedding (official module layout:
+``backbone.0.body.*`` for ResNet weights, ``backbone.1`` for the embedding).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from detr_deform.utils.nested_tensor import NestedTensor
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm in ("bn", "sync_bn"):
+        # SyncBatchNorm conversion happens in the training engine when distributed.
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return [m for m in layer.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+def mask_to_feature(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool image mask -> (B, h, w) by nearest interpolation (official)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet as a multi-scale feature extractor.
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        train_backbone: False freezes every parameter (official: lr_backbone <= 0).
+        return_interm_layers: True returns layer2-4 (strides 8/16/32), else layer4 only.
+        dilation: DC5, dilation instead of stride in layer4 (Bottleneck ResNets only).
+        norm: frozen_bn (official) | bn | sync_bn | gn (trainable, for training from scratch).
+        freeze_stem_and_layer1: official behaviour; disable when training from scratch.
+        pretrained: path to a torchvision-format ResNet state dict, "torchvision" for
+            torchvision's ImageNet weights (downloads; needs internet), or None.
+    """
+
+    def __init__(self, name: str = "resnet50", train_backbone: bool = True, return_interm_layers: bool = True,
+                 dilation: bool = False, norm: str = "frozen_bn", freeze_stem_and_layer1: bool = True,
+                 pretrained: str | None = None) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
+        weights = "DEFAULT" if pretrained == "torchvision" else None
+        if weights is not None and norm != "frozen_bn":
+            raise ValueError("pretrained='torchvision' requires norm='frozen_bn'")
+        resnet = getattr(torchvision.models, name)(
+            weights=weights, replace_stride_with_dilation=[False, False, dilation], norm_layer=_norm_layer(norm)
+        )
+        if pretrained not in (None, "torchvision"):
+            load_resnet_weights(resnet, pretrained)
+        for param_name, parameter in resnet.named_parameters():
+            trainable_layer = any(f"layer{i}" in param_name for i in (2, 3, 4)) or not freeze_stem_and_layer1
+            if not train_backbone or not trainable_layer:
+                parameter.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+            self.strides = [8, 16, 32]
+            self.num_channels = [_out_channels(getattr(resnet, f"layer{i}")) for i in (2, 3, 4)]
+        else:
+            return_layers = {"layer4": "0"}
+            self.strides = [32]
+            self.num_channels = [_out_channels(resnet.layer4)]
+        if dilation:
+            self.strides[-1] = self.strides[-1] // 2
+        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+
+    def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        return [NestedTensor(x, mask_to_feature(tensor_list.mask, x.shape[-2:])) for _, x in sorted(features.items())]
+
+
+def load_resnet_weights(resnet: nn.Module, path: str) -> None:
+    """Loads a torchvision-format ResNet state dict (fc weights ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path} (set backbone.pretrained to a local .pth)")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"backbone weights {path} do not fit the ResNet: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position_embedding) -> (features, position embeddings) per level."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module) -> None:
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[torch.Tensor]]:
+        features = self[0](tensor_list)
+        pos = [self[1](x).to(x.tensors.dtype) for x in features]
+        return features, pos

@@ -1,0 +1,46 @@
+"""Command line for the compiled operator.
+
+    python -m detr_deform.ops build [--cuda | --cpu] [--verbose]
+    python -m detr_deform.ops info
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from detr_deform.ops import _build
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m detr_deform.ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="compile the operator now (otherwise it compiles on first use)")
+    flavour = build.add_mutually_exclusive_group()
+    flavour.add_argument("--cuda", action="store_true", help="also compile the CUDA kernels (needs nvcc)")
+    flavour.add_argument("--cpu", action="store_true", help="CPU kernels only")
+    build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    sub.add_parser("info", help="print where the sources and builds are")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        print(f"sources:        {_build.source_dir()}")
+        print(f"torch:          {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})")
+        print(f"CUDA requested: {_build.cuda_requested()}")
+        print(f"build dir:      {_build.build_dir(_build.cuda_requested())}")
+        return 0
+
+    with_cuda = True if args.cuda else False if args.cpu else None
+    try:
+        library = _build.build_and_load(with_cuda=with_cuda, verbose=args.verbose)
+    except _build.OpsBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"built and loaded {library}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Just-in-time build and loading of the compiled MSDeformAttn operator.
+
+The C++/CUDA sources live in ``ops/ms_deform_attn`` of the repository (or in
+``detr_deform/_csrc`` of an installed wheel). They are compiled with
+``torch.utils.cpp_extension`` + ninja on first use, cached per torch version
+and build flavour, and re-linked only when a source changes. Loading the
+shared library registers ``torch.ops.detr_deform.*`` through ``TORCH_LIBRARY``.
+
+Environment variables:
+    DETR_DEFORM_WITH_CUDA   1 to build the CUDA kernels too, 0 for CPU only
+                            (default: 1 when torch sees a GPU).
+    DETR_DEFORM_BUILD_DIR   where builds are cached
+                            (default: ~/.cache/detr_deform/ops).
+    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (torch's variable).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE_FILES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
+CUDA_SOURCE_FILES = ("ms_deform_attn_cuda.cu",)
+
+
+class OpsBuildError(RuntimeError):
+    """The compiled operator could not be built or loaded."""
+
+
+def source_dir() -> Path:
+    package_root = Path(__file__).resolve().parent.parent
+    for candidate in (package_root / "_csrc", package_root.parent / "ops" / "ms_deform_attn"):
+        if (candidate / SOURCE_FILES[0]).is_file():
+            return candidate
+    raise OpsBuildError(
+        f"cannot find the operator sources (looked in {package_root / '_csrc'} and "
+        f"{package_root.parent / 'ops' / 'ms_deform_attn'}). Install detr_deform from a checkout "
+        "with `pip install -e .`, or use impl='pytorch'."
+    )
+
+
+def cuda_requested() -> bool:
+    flag = os.environ.get("DETR_DEFORM_WITH_CUDA")
+    if flag is not None:
+        return flag.strip().lower() in ("1", "true", "yes", "on")
+    return torch.cuda.is_available()
+
+
+def build_dir(with_cuda: bool) -> Path:
+    root = Path(os.environ.get("DETR_DEFORM_BUILD_DIR", Path.home() / ".cache" / "detr_deform" / "ops"))
+    flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
+    return root / tag
+
+
+def _cuda_include_dirs() -> list[str]:
+    """Headers torch's CUDA headers include (cuBLAS, cuSPARSE, ...) ship in the
+    nvidia wheels rather than in the CUDA toolkit of a pip-only install."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for location in spec.submodule_search_locations:
+        for include in sorted(Path(location).glob("*/include")):
+            dirs.append(str(include))
+    return dirs
+
+
+def _resolve_cuda_home() -> str | None:
+    """torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a copy
+    outside the toolkit (e.g. /usr/local/bin/nvcc) the guess has no
+    lib64/libcudart.so and linking fails, so prefer a directory that has it."""
+    from torch.utils import cpp_extension
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "lib64" / "libcudart.so").exists():
+            return candidate
+    return cpp_extension.CUDA_HOME
+
+
+def _check_toolchain(with_cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+        raise OpsBuildError("ninja is not installed: run `pip install ninja`, or use impl='pytorch'.")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise OpsBuildError(
+            f"no C++ compiler ({compiler!r}) on PATH: install g++ (e.g. `apt-get install g++`) or set CXX, "
+            "or use impl='pytorch'."
+        )
+    if with_cuda:
+        if torch.version.cuda is None:
+            raise OpsBuildError(
+                "DETR_DEFORM_WITH_CUDA=1 but this torch build has no CUDA support; install a CUDA build of torch "
+                "or set DETR_DEFORM_WITH_CUDA=0."
+            )
+        cpp_extension.CUDA_HOME = _resolve_cuda_home()
+        if cpp_extension.CUDA_HOME is None:
+            raise OpsBuildError(
+                "building the CUDA kernels needs nvcc, but CUDA_HOME is not set and nvcc is not on PATH; "
+                "install the CUDA toolkit matching torch.version.cuda="
+                f"{torch.version.cuda} or set DETR_DEFORM_WITH_CUDA=0 for a CPU-only build."
+            )
+
+
+def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path:
+    """Compiles (if needed) and loads the operator library; returns its path.
+
+    Raises OpsBuildError with the reason and the fix when anything fails.
+    """
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_requested() if with_cuda is None else with_cuda
+    _check_toolchain(with_cuda)
+    sources_root = source_dir()
+    sources = [str(sources_root / name) for name in SOURCE_FILES]
+    if with_cuda:
+        sources += [str(sources_root / name) for name in CUDA_SOURCE_FILES]
+    directory = build_dir(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "detr_deform_ops_cuda" if with_cuda else "detr_deform_ops_cpu"
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+            extra_include_paths=[str(sources_root)] + (_cuda_include_dirs() if with_cuda else []),
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as error:  # compiler and loader failures come in many types
+        raise OpsBuildError(
+            f"building/loading the compiled MSDeformAttn operator failed ({type(error).__name__}: "
+            f"{str(error).strip()[-2000:]}).\nBuild directory: {directory}. Rebuild with verbose output using "
+            "`python -m detr_deform.ops build --verbose`; delete that directory if a previous build was "
+            "interrupted; or pass impl='pytorch' to use the pure-PyTorch path."
+        ) from error
+    return directory / f"{name}.so"

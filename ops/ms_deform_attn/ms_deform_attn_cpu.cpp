@@ -1,0 +1,206 @@
+// CPU kernels. Forward is parallel over (n, query); backward is parallel over
+// (n, head) so that every task owns its slice value[n, :, m, :] of the value
+// gradient and no atomics are needed. The inner loops run over the D channels
+// of a head, which are contiguous, so they vectorise.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "bilinear.h"
+#include "ms_deform_attn.h"
+
+namespace detr_deform {
+namespace {
+
+struct Dims {
+  int64_t batch, num_value, num_heads, channels, num_levels, num_query, num_points;
+};
+
+Dims read_dims(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return Dims{value.size(0),
+              value.size(1),
+              value.size(2),
+              value.size(3),
+              sampling_locations.size(3),
+              sampling_locations.size(1),
+              sampling_locations.size(4)};
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                    const scalar_t* locations, const scalar_t* weights, scalar_t* output,
+                    const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixel_stride = d.num_heads * d.channels;
+  // Taps outside a map read this row of zeros, which keeps the channel loop
+  // branch-free.
+  const std::vector<scalar_t> zeros(d.channels, scalar_t(0));
+  const int64_t grain = std::max<int64_t>(1, 2048 / (d.num_heads * d.num_levels * d.num_points));
+  at::parallel_for(0, d.batch * d.num_query, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(d.channels);
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const int64_t n = nq / d.num_query;
+      const scalar_t* value_n = value + n * d.num_value * pixel_stride;
+      for (int64_t m = 0; m < d.num_heads; ++m) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int64_t sample_base = (nq * d.num_heads + m) * d.num_levels * d.num_points;
+        for (int64_t l = 0; l < d.num_levels; ++l) {
+          const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+          const scalar_t* level_value = value_n + starts[l] * pixel_stride + m * d.channels;
+          for (int64_t p = 0; p < d.num_points; ++p) {
+            const int64_t s = sample_base + l * d.num_points + p;
+            const auto taps = bilinear_taps<acc_t>(static_cast<acc_t>(locations[2 * s]),
+                                                   static_cast<acc_t>(locations[2 * s + 1]),
+                                                   height, width);
+            if (!taps.inside) continue;
+            const acc_t weight = static_cast<acc_t>(weights[s]);
+            const scalar_t* tap[4];
+            for (int i = 0; i < 4; ++i)
+              tap[i] = taps.offset[i] >= 0 ? level_value + taps.offset[i] * pixel_stride
+                                           : zeros.data();
+            for (int64_t c = 0; c < d.channels; ++c) {
+              acc[c] += weight * bilinear_value<acc_t>(taps, tap[0][c], tap[1][c], tap[2][c],
+                                                       tap[3][c]);
+            }
+          }
+        }
+        scalar_t* out = output + (nq * d.num_heads + m) * d.channels;
+        for (int64_t c = 0; c < d.channels; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* shapes,
+                     const int64_t* starts, const scalar_t* locations, const scalar_t* weights,
+                     at::opmath_type<scalar_t>* grad_value, scalar_t* grad_locations,
+                     scalar_t* grad_weights, const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixel_stride = d.num_heads * d.channels;
+  const std::vector<scalar_t> zeros(d.channels, scalar_t(0));
+  at::parallel_for(0, d.batch * d.num_heads, 1, [&](int64_t begin, int64_t end) {
+    // Gradients of taps outside the map land in this scratch row.
+    std::vector<acc_t> discard(d.channels);
+    std::vector<acc_t> tap_grad(d.channels), dh(d.channels), dw(d.channels);
+    for (int64_t nm = begin; nm < end; ++nm) {
+      const int64_t n = nm / d.num_heads, m = nm % d.num_heads;
+      const scalar_t* value_n = value + n * d.num_value * pixel_stride;
+      acc_t* grad_value_n = grad_value + n * d.num_value * pixel_stride;
+      for (int64_t q = 0; q < d.num_query; ++q) {
+        const int64_t nq = n * d.num_query + q;
+        const scalar_t* go = grad_output + (nq * d.num_heads + m) * d.channels;
+        const int64_t sample_base = (nq * d.num_heads + m) * d.num_levels * d.num_points;
+        for (int64_t l = 0; l < d.num_levels; ++l) {
+          const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+          const int64_t level_offset = starts[l] * pixel_stride + m * d.channels;
+          for (int64_t p = 0; p < d.num_points; ++p) {
+            const int64_t s = sample_base + l * d.num_points + p;
+            const auto taps = bilinear_taps<acc_t>(static_cast<acc_t>(locations[2 * s]),
+                                                   static_cast<acc_t>(locations[2 * s + 1]),
+                                                   height, width);
+            if (!taps.inside) {
+              grad_weights[s] = scalar_t(0);
+              grad_locations[2 * s] = scalar_t(0);
+              grad_locations[2 * s + 1] = scalar_t(0);
+              continue;
+            }
+            const acc_t weight = static_cast<acc_t>(weights[s]);
+            const scalar_t* tap[4];
+            acc_t* tap_grad_out[4];
+            for (int i = 0; i < 4; ++i) {
+              const bool ok = taps.offset[i] >= 0;
+              tap[i] = ok ? value_n + level_offset + taps.offset[i] * pixel_stride : zeros.data();
+              tap_grad_out[i] =
+                  ok ? grad_value_n + level_offset + taps.offset[i] * pixel_stride : discard.data();
+            }
+            // Element-wise pass (vectorisable), then the three reductions.
+            for (int64_t c = 0; c < d.channels; ++c) {
+              const acc_t g = static_cast<acc_t>(go[c]);
+              const acc_t v0 = tap[0][c], v1 = tap[1][c], v2 = tap[2][c], v3 = tap[3][c];
+              tap_grad[c] = g * bilinear_value<acc_t>(taps, v0, v1, v2, v3);
+              bilinear_coord_grad<acc_t>(taps, v0, v1, v2, v3, &dh[c], &dw[c]);
+              dh[c] *= g;
+              dw[c] *= g;
+              const acc_t gw = weight * g;
+              tap_grad_out[0][c] += gw * taps.weight[0];
+              tap_grad_out[1][c] += gw * taps.weight[1];
+              tap_grad_out[2][c] += gw * taps.weight[2];
+              tap_grad_out[3][c] += gw * taps.weight[3];
+            }
+            acc_t grad_weight = 0, grad_h = 0, grad_w = 0;
+            for (int64_t c = 0; c < d.channels; ++c) {
+              grad_weight += tap_grad[c];
+              grad_h += dh[c];
+              grad_w += dw[c];
+            }
+            grad_weights[s] = static_cast<scalar_t>(grad_weight);
+            grad_locations[2 * s] = static_cast<scalar_t>(grad_w * weight * width);
+            grad_locations[2 * s + 1] = static_cast<scalar_t>(grad_h * weight * height);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations_in,
+                                      const at::Tensor& attention_weights_in) {
+  check_ms_deform_attn_inputs(value_in, spatial_shapes, level_start_index, sampling_locations_in,
+                              attention_weights_in);
+  const auto value = value_in.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const auto locations = sampling_locations_in.contiguous();
+  const auto weights = attention_weights_in.contiguous();
+  const Dims d = read_dims(value, locations);
+  auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                                 starts.data_ptr<int64_t>(), locations.data_ptr<scalar_t>(),
+                                 weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations_in,
+    const at::Tensor& attention_weights_in) {
+  check_ms_deform_attn_inputs(value_in, spatial_shapes, level_start_index, sampling_locations_in,
+                              attention_weights_in);
+  const auto value = value_in.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const auto locations = sampling_locations_in.contiguous();
+  const auto weights = attention_weights_in.contiguous();
+  const Dims d = read_dims(value, locations);
+  TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({d.batch, d.num_query,
+                                                         d.num_heads * d.channels}),
+              "ms_deform_attn backward: grad_output has shape ", grad_output_in.sizes(),
+              ", expected (N, Lq, M*D)");
+  const auto grad_output = grad_output_in.contiguous().to(value.scalar_type());
+  const auto acc_dtype = at::toOpMathType(value.scalar_type());
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+  auto grad_locations = at::empty_like(locations);
+  auto grad_weights = at::empty_like(weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+        backward_kernel<scalar_t>(
+            grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+            shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+            locations.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
+            grad_value.data_ptr<at::opmath_type<scalar_t>>(), grad_locations.data_ptr<scalar_t>(),
+            grad_weights.data_ptr<scalar_t>(), d);
+      });
+  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+}
+
+}  // namespace detr_deform

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Benchmark the MSDeformAttn operator: compiled (cpp) vs pure-PyTorch reference.
+
+Measures forward and forward+backward wall time (median of --repeat runs after
+one warm-up) and peak memory of one forward+backward. Each (impl, scale) case
+runs in its own subprocess so that peak memory can be read from the process'
+maximum resident set size (CPU) or torch.cuda.max_memory_allocated (GPU).
+
+    python tools/benchmark_ms_deform_attn.py                 # CPU, both scales
+    python tools/benchmark_ms_deform_attn.py --device cuda --dtype float16
+    python tools/benchmark_ms_deform_attn.py --markdown      # table for docs/benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# Deformable DETR at 800x1333 (strides 8/16/32/64), hidden 256 = 8 heads x 32.
+LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
+SCALES = {"encoder": None, "decoder": 300}  # number of queries; None -> Lq = S
+
+
+def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=1):
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor(LEVELS, dtype=torch.int64)
+    areas = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    num_value = int(areas.sum())
+    num_query = num_value if num_query is None else num_query
+    value = torch.randn(batch, num_value, heads, channels, generator=g)
+    locations = torch.rand(batch, num_query, heads, len(LEVELS), points, 2, generator=g)
+    weights = torch.rand(batch, num_query, heads, len(LEVELS), points, generator=g).softmax(-1)
+    to = dict(device=device, dtype=dtype)
+    return (value.to(**to), shapes.to(device), starts.to(device), locations.to(**to), weights.to(**to)), num_query
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int) -> dict:
+    from detr_deform.ops import load_compiled_op, ms_deform_attn
+
+    if impl == "cpp":
+        load_compiled_op()
+    dtype_t = getattr(torch, dtype)
+    inputs, num_query = make_inputs(SCALES[scale], device, dtype_t)
+    value, shapes, starts, locations, weights = inputs
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+
+    def forward():
+        with torch.no_grad():
+            return ms_deform_attn(value, shapes, starts, locations, weights, impl=impl)
+
+    def forward_backward():
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+        out.backward(torch.ones_like(out))
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    forward_backward()  # warm-up, and the peak-memory measurement
+    sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    timings = {}
+    for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+        samples = []
+        for _ in range(repeat):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples.append(time.perf_counter() - start)
+        timings[name] = statistics.median(samples)
+    return {"impl": impl, "scale": scale, "num_query": num_query, "peak_bytes": peak, **timings}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args._case:
+        print(json.dumps(run_case(args._case[0], args._case[1], args.device, args.dtype, args.repeat)))
+        return 0
+
+    rows = []
+    for scale in SCALES:
+        for impl in ("cpp", "pytorch"):
+            cmd = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--repeat",
+                   str(args.repeat), "--_case", impl, scale]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                return done.returncode
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    header = ["scale", "Lq", "impl", "forward (ms)", "fwd+bwd (ms)", "peak mem fwd+bwd (MiB)", "fwd+bwd speed-up"]
+    lines = []
+    for row in rows:
+        ref = next(r for r in rows if r["scale"] == row["scale"] and r["impl"] == "pytorch")
+        lines.append([row["scale"], str(row["num_query"]), row["impl"], f"{row['forward'] * 1e3:.1f}",
+                      f"{row['forward_backward'] * 1e3:.1f}", f"{row['peak_bytes'] / 2**20:.0f}",
+                      f"{ref['forward_backward'] / row['forward_backward']:.1f}x"])
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for line in lines:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    print(f"\ndevice={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"levels={LEVELS} M=8 D=32 P=4 batch=1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""detr_deform: Deformable DETR, faithful to the official implementation.
+
+Public API::
+
+    model, cfg = detr_deform.load_model(path, device="cpu")   # ours or official checkpoints, eval mode
+    criterion = detr_deform.build_criterion(cfg)              # (outputs, targets) -> unweighted losses; .weight_dict
+    postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
+    outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
+"""
+from detr_deform.checkpoint import CheckpointError, init_from, load_model, read_checkpoint, save_checkpoint
+from detr_deform.models.build import build_criterion, build_model, build_postprocessor
+from detr_deform.models.config import ModelConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "build_criterion",
+    "build_model",
+    "build_postprocessor",
+    "init_from",
+    "load_model",
+    "read_checkpoint",
+    "save_checkpoint",
+]

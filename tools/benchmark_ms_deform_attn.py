@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -27,15 +28,40 @@ LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 SCALES = {"encoder": None, "decoder": 300}  # number of queries; None -> Lq = S
 
 
-def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=1):
+def reference_points(num_query, generator):
+    """Encoder: every pixel centre of every level (normalised); decoder: uniform."""
+    if num_query is not None:
+        return torch.rand(1, num_query, 1, 1, 1, 2, generator=generator)
+    refs = []
+    for h, w in LEVELS:
+        y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        refs.append(torch.stack([x.flatten() / w, y.flatten() / h], -1))
+    return torch.cat(refs)[None, :, None, None, None, :]
+
+
+def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=1, locations="realistic"):
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor(LEVELS, dtype=torch.int64)
     areas = shapes[:, 0] * shapes[:, 1]
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     num_value = int(areas.sum())
-    num_query = num_value if num_query is None else num_query
     value = torch.randn(batch, num_value, heads, channels, generator=g)
-    locations = torch.rand(batch, num_query, heads, len(LEVELS), points, 2, generator=g)
+    if locations == "uniform":
+        # Worst case for caches: every sample anywhere on its level.
+        num_query = num_value if num_query is None else num_query
+        locations = torch.rand(batch, num_query, heads, len(LEVELS), points, 2, generator=g)
+    else:
+        # What the model does: around each query's reference point, on the
+        # initial ring of k+1 pixels per head direction, plus 2-pixel noise.
+        ref = reference_points(num_query, g)
+        num_query = ref.shape[1]
+        theta = torch.arange(heads) * 2 * math.pi / heads
+        dirs = torch.stack([theta.cos(), theta.sin()], -1)
+        dirs = dirs / dirs.abs().max(-1, keepdim=True)[0]
+        ring = dirs[:, None, None, :] * torch.arange(1, points + 1)[None, None, :, None]
+        level_wh = torch.tensor([[w, h] for h, w in LEVELS], dtype=torch.float32)[None, :, None, :]
+        noise = torch.randn(batch, num_query, heads, len(LEVELS), points, 2, generator=g) * 2
+        locations = ref + (ring + noise) / level_wh
     weights = torch.rand(batch, num_query, heads, len(LEVELS), points, generator=g).softmax(-1)
     to = dict(device=device, dtype=dtype)
     return (value.to(**to), shapes.to(device), starts.to(device), locations.to(**to), weights.to(**to)), num_query
@@ -46,13 +72,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int) -> dict:
+def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int, locations: str) -> dict:
     from detr_deform.ops import load_compiled_op, ms_deform_attn
 
     if impl == "cpp":
         load_compiled_op()
     dtype_t = getattr(torch, dtype)
-    inputs, num_query = make_inputs(SCALES[scale], device, dtype_t)
+    inputs, num_query = make_inputs(SCALES[scale], device, dtype_t, locations=locations)
     value, shapes, starts, locations, weights = inputs
     leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
 
@@ -94,6 +120,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--locations", default="realistic", choices=["realistic", "uniform"],
+                        help="realistic: around each query's reference point (default); uniform: anywhere")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,14 +129,15 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     if args._case:
-        print(json.dumps(run_case(args._case[0], args._case[1], args.device, args.dtype, args.repeat)))
+        print(json.dumps(run_case(args._case[0], args._case[1], args.device, args.dtype, args.repeat,
+                                  args.locations)))
         return 0
 
     rows = []
     for scale in SCALES:
         for impl in ("cpp", "pytorch"):
             cmd = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--repeat",
-                   str(args.repeat), "--_case", impl, scale]
+                   str(args.repeat), "--locations", args.locations, "--_case", impl, scale]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -135,7 +164,7 @@ def main() -> int:
         for line in lines:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
     print(f"\ndevice={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"levels={LEVELS} M=8 D=32 P=4 batch=1")
+          f"levels={LEVELS} M=8 D=32 P=4 batch=1 locations={args.locations}")
     return 0
 
 

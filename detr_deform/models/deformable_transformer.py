@@ -206,10 +206,12 @@ class DeformableTransformer(nn.Module):
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
 
-    @staticmethod
-    def get_proposal_pos_embed(proposals: torch.Tensor) -> torch.Tensor:
-        """(N, Q, 4) unactivated boxes -> (N, Q, 512) sine embedding of their sigmoid."""
-        num_pos_feats, temperature, scale = 128, 10000, 2 * math.pi
+    def get_proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
+        """(N, Q, 4) unactivated boxes -> (N, Q, 2C) sine embedding of their sigmoid.
+
+        The official code fixes 128 features per coordinate (C = 256); C/2 is the
+        same there and keeps pos_trans (2C -> 2C) consistent for other widths."""
+        num_pos_feats, temperature, scale = self.d_model // 2, 10000, 2 * math.pi
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
         proposals = proposals.sigmoid() * scale

@@ -11,12 +11,19 @@ Environment variables:
                             (default: 1 when torch sees a GPU).
     DETR_DEFORM_BUILD_DIR   where builds are cached
                             (default: ~/.cache/detr_deform/ops).
+    DETR_DEFORM_MARCH       CPU target passed as -march= (default: native, i.e.
+                            the building machine; the cache path carries a hash
+                            of the CPU's feature flags so a home directory shared
+                            by different machines never loads a foreign build).
+                            Set e.g. x86-64-v2 for a portable build.
     TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (torch's variable).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -50,10 +57,31 @@ def cuda_requested() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_target() -> str:
+    return os.environ.get("DETR_DEFORM_MARCH", "native").strip() or "native"
+
+
+def _cpu_tag() -> str:
+    """Identifies what -march=native means on this machine."""
+    features = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    features += " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        features += platform.processor()
+    target = cpu_target()
+    digest = hashlib.sha1(features.encode()).hexdigest()[:8] if target == "native" else target
+    return f"{target}-{digest}" if target == "native" else target
+
+
 def build_dir(with_cuda: bool) -> Path:
     root = Path(os.environ.get("DETR_DEFORM_BUILD_DIR", Path.home() / ".cache" / "detr_deform" / "ops"))
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
+    tag = (f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
+           f"-{_cpu_tag()}")
     return root / tag
 
 
@@ -129,7 +157,7 @@ def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path
         cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", f"-march={cpu_target()}"],
             extra_ldflags=["-fopenmp"],
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
             extra_include_paths=[str(sources_root)] + (_cuda_include_dirs() if with_cuda else []),

@@ -56,13 +56,21 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
                                                    height, width);
             if (!taps.inside) continue;
             const acc_t weight = static_cast<acc_t>(weights[s]);
-            const scalar_t* tap[4];
-            for (int i = 0; i < 4; ++i)
-              tap[i] = taps.offset[i] >= 0 ? level_value + taps.offset[i] * pixel_stride
-                                           : zeros.data();
+            const scalar_t* __restrict__ t0 =
+                taps.offset[0] >= 0 ? level_value + taps.offset[0] * pixel_stride : zeros.data();
+            const scalar_t* __restrict__ t1 =
+                taps.offset[1] >= 0 ? level_value + taps.offset[1] * pixel_stride : zeros.data();
+            const scalar_t* __restrict__ t2 =
+                taps.offset[2] >= 0 ? level_value + taps.offset[2] * pixel_stride : zeros.data();
+            const scalar_t* __restrict__ t3 =
+                taps.offset[3] >= 0 ? level_value + taps.offset[3] * pixel_stride : zeros.data();
+            // Fold the attention weight into the tap weights once per sample.
+            BilinearTaps<acc_t> weighted = taps;
+            for (int i = 0; i < 4; ++i) weighted.weight[i] *= weight;
+            acc_t* __restrict__ a = acc.data();
+#pragma omp simd
             for (int64_t c = 0; c < d.channels; ++c) {
-              acc[c] += weight * bilinear_value<acc_t>(taps, tap[0][c], tap[1][c], tap[2][c],
-                                                       tap[3][c]);
+              a[c] += bilinear_value<acc_t>(weighted, t0[c], t1[c], t2[c], t3[c]);
             }
           }
         }
@@ -83,8 +91,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
   const std::vector<scalar_t> zeros(d.channels, scalar_t(0));
   at::parallel_for(0, d.batch * d.num_heads, 1, [&](int64_t begin, int64_t end) {
     // Gradients of taps outside the map land in this scratch row.
-    std::vector<acc_t> discard(d.channels);
-    std::vector<acc_t> tap_grad(d.channels), dh(d.channels), dw(d.channels);
+    // One scratch row per tap so the restrict-qualified rows below never alias.
+    std::vector<acc_t> discard(4 * d.channels);
     for (int64_t nm = begin; nm < end; ++nm) {
       const int64_t n = nm / d.num_heads, m = nm % d.num_heads;
       const scalar_t* value_n = value + n * d.num_value * pixel_stride;
@@ -114,27 +122,35 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
               const bool ok = taps.offset[i] >= 0;
               tap[i] = ok ? value_n + level_offset + taps.offset[i] * pixel_stride : zeros.data();
               tap_grad_out[i] =
-                  ok ? grad_value_n + level_offset + taps.offset[i] * pixel_stride : discard.data();
+                  ok ? grad_value_n + level_offset + taps.offset[i] * pixel_stride
+                     : discard.data() + i * d.channels;
             }
-            // Element-wise pass (vectorisable), then the three reductions.
-            for (int64_t c = 0; c < d.channels; ++c) {
-              const acc_t g = static_cast<acc_t>(go[c]);
-              const acc_t v0 = tap[0][c], v1 = tap[1][c], v2 = tap[2][c], v3 = tap[3][c];
-              tap_grad[c] = g * bilinear_value<acc_t>(taps, v0, v1, v2, v3);
-              bilinear_coord_grad<acc_t>(taps, v0, v1, v2, v3, &dh[c], &dw[c]);
-              dh[c] *= g;
-              dw[c] *= g;
-              const acc_t gw = weight * g;
-              tap_grad_out[0][c] += gw * taps.weight[0];
-              tap_grad_out[1][c] += gw * taps.weight[1];
-              tap_grad_out[2][c] += gw * taps.weight[2];
-              tap_grad_out[3][c] += gw * taps.weight[3];
-            }
+            const scalar_t* __restrict__ t0 = tap[0];
+            const scalar_t* __restrict__ t1 = tap[1];
+            const scalar_t* __restrict__ t2 = tap[2];
+            const scalar_t* __restrict__ t3 = tap[3];
+            // Taps are distinct pixels or distinct scratch rows, so these never overlap.
+            acc_t* __restrict__ g0 = tap_grad_out[0];
+            acc_t* __restrict__ g1 = tap_grad_out[1];
+            acc_t* __restrict__ g2 = tap_grad_out[2];
+            acc_t* __restrict__ g3 = tap_grad_out[3];
+            const scalar_t* __restrict__ gout = go;
+            const acc_t gw0 = weight * taps.weight[0], gw1 = weight * taps.weight[1],
+                        gw2 = weight * taps.weight[2], gw3 = weight * taps.weight[3];
             acc_t grad_weight = 0, grad_h = 0, grad_w = 0;
+#pragma omp simd reduction(+ : grad_weight, grad_h, grad_w)
             for (int64_t c = 0; c < d.channels; ++c) {
-              grad_weight += tap_grad[c];
-              grad_h += dh[c];
-              grad_w += dw[c];
+              const acc_t g = static_cast<acc_t>(gout[c]);
+              const acc_t v0 = t0[c], v1 = t1[c], v2 = t2[c], v3 = t3[c];
+              grad_weight += g * bilinear_value<acc_t>(taps, v0, v1, v2, v3);
+              acc_t d_h, d_w;
+              bilinear_coord_grad<acc_t>(taps, v0, v1, v2, v3, &d_h, &d_w);
+              grad_h += g * d_h;
+              grad_w += g * d_w;
+              g0[c] += gw0 * g;
+              g1[c] += gw1 * g;
+              g2[c] += gw2 * g;
+              g3[c] += gw3 * g;
             }
             grad_weights[s] = static_cast<scalar_t>(grad_weight);
             grad_locations[2 * s] = static_cast<scalar_t>(grad_w * weight * width);

@@ -1,0 +1,7 @@
+"""Model family: backbone, position encoding, deformable transformer, heads,
+matcher, criterion and post-processing."""
+from detr_deform.models.build import build_criterion, build_model, build_postprocessor
+from detr_deform.models.config import ModelConfig
+from detr_deform.models.deformable_detr import DeformableDETR
+
+__all__ = ["DeformableDETR", "ModelConfig", "build_criterion", "build_model", "build_postprocessor"]

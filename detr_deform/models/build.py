@@ -1,0 +1,75 @@
+"""Builders: one config -> model, criterion, post-processor."""
+from __future__ import annotations
+
+from detr_deform.models.backbone import Joiner, ResNetBackbone
+from detr_deform.models.config import ModelConfig
+from detr_deform.models.criterion import SetCriterion, build_weight_dict
+from detr_deform.models.deformable_detr import DeformableDETR
+from detr_deform.models.deformable_transformer import DeformableTransformer
+from detr_deform.models.matcher import HungarianMatcher
+from detr_deform.models.position_encoding import build_position_encoding
+from detr_deform.models.postprocess import PostProcess
+
+
+def _model_config(cfg) -> ModelConfig:
+    """Accepts a ModelConfig, a dict, or a (Hydra) config with a ``model`` section."""
+    if isinstance(cfg, ModelConfig):
+        return cfg.validate()
+    if hasattr(cfg, "model") and not isinstance(cfg, dict):
+        cfg = cfg.model
+    if isinstance(cfg, dict) and "model" in cfg and isinstance(cfg["model"], dict):
+        cfg = cfg["model"]
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
+        pass
+    return ModelConfig.from_dict(dict(cfg))
+
+
+def build_backbone(cfg: ModelConfig) -> Joiner:
+    body = ResNetBackbone(
+        name=cfg.backbone,
+        train_backbone=cfg.train_backbone,
+        return_interm_layers=cfg.num_feature_levels > 1,
+        dilation=cfg.dilation,
+        norm=cfg.backbone_norm,
+        freeze_stem_and_layer1=cfg.freeze_stem_and_layer1,
+        pretrained=cfg.pretrained_backbone,
+    )
+    position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale)
+    return Joiner(body, position)
+
+
+def build_model(cfg) -> DeformableDETR:
+    cfg = _model_config(cfg)
+    # Same construction order as the official build (backbone, then transformer),
+    # so a given seed gives the same initial weights.
+    backbone = build_backbone(cfg)
+    transformer = DeformableTransformer(
+        d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+        activation=cfg.activation, return_intermediate_dec=True, num_feature_levels=cfg.num_feature_levels,
+        dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points, two_stage=cfg.two_stage,
+        two_stage_num_proposals=cfg.num_queries, attn_impl=cfg.attn_impl,
+    )
+    return DeformableDETR(backbone, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
+                          num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+                          with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """callable(outputs, targets) -> dict of UNWEIGHTED losses; ``.weight_dict`` has the coefficients."""
+    cfg = _model_config(cfg)
+    matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
+                               cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
+    weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.dec_layers,
+                                    cfg.aux_loss, cfg.two_stage)
+    return SetCriterion(cfg.num_classes, matcher, weight_dict, focal_alpha=cfg.focal_alpha)
+
+
+def build_postprocessor(cfg) -> PostProcess:
+    """callable(outputs, target_sizes (B, 2) as (h, w)) -> [{'scores', 'labels', 'boxes'}]."""
+    return PostProcess(num_select=_model_config(cfg).num_select)

@@ -94,7 +94,7 @@ class ModelConfig:
             raise ValueError("official checkpoints with segmentation heads (masks=True) are not supported")
         if num_classes is None:
             dataset = values.get("dataset_file", "coco")
-            num_classes = {"coco": 91, "coco_panoptic": 250}.get(dataset, 20)
+            num_classes = {"coco": 91, "coco_panoptic": 250}.get(dataset, 2)  # official build()
         config.num_classes = num_classes
         config.pretrained_backbone = None
         return config.validate()

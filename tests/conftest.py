@@ -4,7 +4,6 @@ import pytest
 import torch
 
 # Tests must never reach the network (no pretrained downloads, no hubs).
-os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch_home_unused"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -12,3 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory):
+    """A small copy of the built-in demo dataset (12 train / 7 val images)."""
+    from detr_deform.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", sizes={"train": 12, "val": 7})

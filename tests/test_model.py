@@ -107,7 +107,7 @@ ABSENT_KEYS = {
 
 @pytest.fixture(scope="module")
 def r50_models():
-    configs = {name: ModelConfig(**extra) for name, extra in VARIANTS.items()}
+    configs = {name: ModelConfig(num_classes=91, **extra) for name, extra in VARIANTS.items()}
     torch.manual_seed(0)
     return {name: build_model(cfg) for name, cfg in configs.items()}
 

@@ -43,8 +43,16 @@ def build_backbone(cfg: ModelConfig) -> Joiner:
     return Joiner(body, position)
 
 
+def _require_num_classes(cfg: ModelConfig) -> int:
+    if cfg.num_classes is None:
+        raise ValueError("model.num_classes is not set: give it explicitly (COCO: 91 = max category id + 1) or let "
+                         "the training tools read it from the dataset's categories")
+    return cfg.num_classes
+
+
 def build_model(cfg) -> DeformableDETR:
     cfg = _model_config(cfg)
+    num_classes = _require_num_classes(cfg)
     # Same construction order as the official build (backbone, then transformer),
     # so a given seed gives the same initial weights.
     backbone = build_backbone(cfg)
@@ -55,7 +63,7 @@ def build_model(cfg) -> DeformableDETR:
         dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points, two_stage=cfg.two_stage,
         two_stage_num_proposals=cfg.num_queries, attn_impl=cfg.attn_impl,
     )
-    return DeformableDETR(backbone, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
+    return DeformableDETR(backbone, transformer, num_classes=num_classes, num_queries=cfg.num_queries,
                           num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                           with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
 
@@ -67,7 +75,7 @@ def build_criterion(cfg) -> SetCriterion:
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
     weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.dec_layers,
                                     cfg.aux_loss, cfg.two_stage)
-    return SetCriterion(cfg.num_classes, matcher, weight_dict, focal_alpha=cfg.focal_alpha)
+    return SetCriterion(_require_num_classes(cfg), matcher, weight_dict, focal_alpha=cfg.focal_alpha)
 
 
 def build_postprocessor(cfg) -> PostProcess:

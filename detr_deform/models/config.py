@@ -37,8 +37,9 @@ class ModelConfig:
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
-    # Classes: COCO uses 91 (max category id + 1), no background logit.
-    num_classes: int = 91
+    # Classes: max category id + 1 (COCO: 91), no background logit. None: read
+    # from the dataset by the training tools; build_model needs a value.
+    num_classes: int | None = None
     # Matcher
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -63,7 +64,7 @@ class ModelConfig:
             raise ValueError(f"model.hidden_dim={self.hidden_dim} must be a multiple of 32 (GroupNorm(32) projections)")
         if self.num_feature_levels < 1:
             raise ValueError(f"model.num_feature_levels must be >= 1, got {self.num_feature_levels}")
-        if self.num_classes < 1:
+        if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if self.attn_impl not in ("auto", "cpp", "pytorch"):
             raise ValueError(f"model.attn_impl must be auto, cpp or pytorch, got {self.attn_impl!r}")

@@ -38,6 +38,21 @@ class OpsBuildError(RuntimeError):
     """The compiled operator could not be built or loaded."""
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found,
+    using CUDA_HOME=..." warning on GPU-less machines (we resolve CUDA_HOME ourselves)."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def source_dir() -> Path:
     package_root = Path(__file__).resolve().parent.parent
     for candidate in (package_root / "_csrc", package_root.parent / "ops" / "ms_deform_attn"):
@@ -102,8 +117,7 @@ def _resolve_cuda_home() -> str | None:
     """torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a copy
     outside the toolkit (e.g. /usr/local/bin/nvcc) the guess has no
     lib64/libcudart.so and linking fails, so prefer a directory that has it."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "lib64" / "libcudart.so").exists():
@@ -112,7 +126,7 @@ def _resolve_cuda_home() -> str | None:
 
 
 def _check_toolchain(with_cuda: bool) -> None:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
         raise OpsBuildError("ninja is not installed: run `pip install ninja`, or use impl='pytorch'.")
@@ -142,8 +156,7 @@ def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path
 
     Raises OpsBuildError with the reason and the fix when anything fails.
     """
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     with_cuda = cuda_requested() if with_cuda is None else with_cuda
     _check_toolchain(with_cuda)
     sources_root = source_dir()

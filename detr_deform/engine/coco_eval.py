@@ -1,0 +1,84 @@
+"""COCO box evaluation with pycocotools, exact under distributed evaluation."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+METRIC_DESCRIPTIONS = [
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
+]
+
+
+def detections_to_coco(image_ids: list[int], results: list[dict]) -> list[dict]:
+    """Post-processed detections (xyxy, absolute) -> COCO results entries (xywh)."""
+    entries = []
+    for image_id, result in zip(image_ids, results):
+        boxes = result["boxes"].float().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], -1).tolist()
+        for box, score, label in zip(xywh, result["scores"].tolist(), result["labels"].tolist()):
+            entries.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)})
+    return entries
+
+
+def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[dict], list[int]]:
+    """All ranks' detections on every rank, each image counted once (a
+    DistributedSampler pads by repeating images; duplicates are dropped)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return entries, sorted(set(image_ids))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (entries, image_ids))
+    seen: set[int] = set()
+    merged: list[dict] = []
+    for rank_entries, rank_ids in gathered:
+        fresh = set(rank_ids) - seen
+        merged.extend(e for e in rank_entries if e["image_id"] in fresh)
+        seen |= fresh
+    return merged, sorted(seen)
+
+
+def evaluate_coco(coco_gt, entries: list[dict], image_ids: list[int]) -> tuple[dict[str, float], str]:
+    """Runs COCOeval (bbox) restricted to ``image_ids``; returns the 12 metrics and the printed table."""
+    from pycocotools.cocoeval import COCOeval
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        # loadRes adds keys (area, id, ...) to the dicts it is given: hand it copies.
+        coco_dt = coco_gt.loadRes([dict(e) for e in entries]) if entries else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats if evaluator.stats is not None else np.full(12, -1.0)
+    return {name: float(value) for name, value in zip(METRIC_NAMES, stats)}, buffer.getvalue()
+
+
+def _empty_results(coco_gt):
+    from pycocotools.coco import COCO
+
+    empty = COCO()
+    empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                     "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def format_metrics_table(metrics: dict[str, float]) -> str:
+    return "\n".join(f" {desc} = {metrics[name]:.3f}" for name, desc in zip(METRIC_NAMES, METRIC_DESCRIPTIONS))

@@ -1,0 +1,32 @@
+"""Shared pieces of the pipeline tests: tiny demo data and tiny-model overrides."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+TINY_MODEL = [
+    "model.hidden_dim=64", "model.nheads=4", "model.enc_layers=1", "model.dec_layers=2",
+    "model.dim_feedforward=64", "model.num_queries=10",
+]
+
+
+def tiny_train_args(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "experiment=demo", f"data.root={data_root}", f"runtime.output_dir={output_dir}", "data.num_workers=0",
+        "data.train_scales=[96]", "data.val_size=96", "data.max_size=128", "data.crop_resize_sizes=[96]",
+        "data.crop_min=64", "data.crop_max=96", "optim.batch_size=2", "optim.epochs=2", "optim.lr_drop=10",
+        "runtime.max_steps_per_epoch=3", "runtime.eval_every=1", "runtime.log_every=1", "runtime.vis_images=1",
+        *TINY_MODEL, *extra,
+    ]
+
+
+def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run([PYTHON, "tools/train.py", *args], timeout=timeout)

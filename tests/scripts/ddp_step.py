@@ -1,0 +1,63 @@
+"""Launched by torchrun (2 processes, gloo): one DDP training step over a global
+batch of 4 images vs one single-process step over the same 4 images."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model_helpers import tiny_config  # noqa: E402
+
+from detr_deform import build_criterion, build_model  # noqa: E402
+from detr_deform.config import OptimConfig  # noqa: E402
+from detr_deform.engine.optim import build_optimizer  # noqa: E402
+from detr_deform.engine.steps import train_step  # noqa: E402
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(7)
+    images = [torch.randn(3, 64, 64, generator=g) for _ in range(4)]
+    counts = [2, 1, 3, 0]
+    targets = []
+    for count in counts:
+        centres = torch.rand(count, 2, generator=g) * 0.5 + 0.25
+        sizes = torch.rand(count, 2, generator=g) * 0.2 + 0.1
+        targets.append({"labels": torch.randint(0, 5, (count,), generator=g), "boxes": torch.cat([centres, sizes], -1)})
+    return images, targets
+
+
+def fresh(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optim_cfg = OptimConfig(lr=1e-3, lr_backbone=1e-3, clip_max_norm=0.1)
+    return model, build_criterion(cfg), build_optimizer(model, optim_cfg)
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = tiny_config(with_box_refine=True, two_stage=True, dropout=0.0)
+    images, targets = make_batch()
+    model, criterion, optimizer = fresh(cfg)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per_rank = len(images) // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    train_step(ddp, criterion, images[mine], targets[mine], optimizer, 0.1)
+    dist.barrier()
+    if rank == 0:
+        dist.destroy_process_group()  # the single-process reference must not all-reduce
+        reference, ref_criterion, ref_optimizer = fresh(cfg)
+        train_step(reference, ref_criterion, images, targets, ref_optimizer, 0.1)
+        diffs = {name: (p - reference.state_dict()[name]).abs().max().item()
+                 for name, p in model.state_dict().items() if p.is_floating_point()}
+        changed = max((p - fresh(cfg)[0].state_dict()[name]).abs().max().item()
+                      for name, p in reference.state_dict().items() if p.is_floating_point())
+        Path(out_path).write_text(json.dumps({"max_diff": max(diffs.values()), "max_change": changed}))
+    else:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

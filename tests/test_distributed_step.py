@@ -1,0 +1,14 @@
+"""DDP over 2 CPU processes == one process over the same global batch."""
+import json
+
+from pipeline_helpers import PYTHON, run
+
+
+def test_ddp_step_equals_single_process_step(tmp_path):
+    result = tmp_path / "result.json"
+    done = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29617",
+                "tests/scripts/ddp_step.py", str(result)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = json.loads(result.read_text())
+    assert values["max_change"] > 1e-4  # the step really moved the weights
+    assert values["max_diff"] < 1e-6, values

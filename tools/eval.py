@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint (ours or an official model-zoo file) with pycocotools.
+
+    python tools/eval.py runs/demo/<time>/checkpoint_best.pth              # data from the checkpoint's config
+    python tools/eval.py r50_deformable_detr-checkpoint.pth --coco-path /data/coco
+    python tools/eval.py ckpt.pth --images /data/val --annotations /data/val.json --dump-detections dets.json
+    torchrun --nproc_per_node=8 tools/eval.py ckpt.pth --coco-path /data/coco
+
+Prints the 12 COCO metrics and writes them as JSON (--output, default next to
+the checkpoint as <name>.eval.json). Distributed evaluation gives exactly the
+single-process result (every image is evaluated once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from detr_deform.checkpoint import CheckpointError, load_model, read_checkpoint
+from detr_deform.data.coco import CocoDetection, DatasetError, collate_fn
+from detr_deform.data.demo import ensure_demo_dataset
+from detr_deform.data.transforms import build_transforms
+from detr_deform.engine import distributed
+from detr_deform.engine.coco_eval import format_metrics_table
+from detr_deform.engine.steps import evaluate
+from detr_deform.models.build import build_postprocessor
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint file (ours or official)")
+    parser.add_argument("--coco-path", help="COCO root (val2017/ and annotations/instances_val2017.json)")
+    parser.add_argument("--images", help="image folder of a COCO-format set")
+    parser.add_argument("--annotations", help="instances JSON of a COCO-format set")
+    parser.add_argument("--val-size", type=int, help="shorter side (default: the checkpoint's, else 800)")
+    parser.add_argument("--max-size", type=int, help="longer-side limit (default: the checkpoint's, else 1333)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--topk", type=int, help="detections per image (default 100)")
+    parser.add_argument("--output", help="metrics JSON path")
+    parser.add_argument("--dump-detections", help="write detections in COCO results format here")
+    return parser.parse_args(argv)
+
+
+def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
+    data = saved.get("data", {}) if isinstance(saved, dict) else {}
+    val_size = args.val_size or data.get("val_size", 800)
+    max_size = args.max_size or data.get("max_size", 1333)
+    if args.images or args.annotations:
+        if not (args.images and args.annotations):
+            raise DatasetError("--images and --annotations go together")
+        return Path(args.images), Path(args.annotations), val_size, max_size
+    root = args.coco_path
+    if root is None and data.get("dataset") == "demo":
+        root = ensure_demo_dataset(data.get("root"))
+    if root is None and data.get("root"):
+        root = data["root"]
+    if root is None:
+        raise DatasetError("no evaluation data: pass --coco-path or --images/--annotations")
+    root = Path(root)
+    return root / "val2017", root / "annotations" / "instances_val2017.json", val_size, max_size
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist_info = distributed.init_distributed(args.device)
+    try:
+        content = read_checkpoint(args.checkpoint)
+        saved_config = content.get("config", {}) if isinstance(content, dict) else {}
+        model, cfg = load_model(args.checkpoint, device=dist_info.device)
+        if args.topk:
+            cfg.num_select = args.topk
+        images, annotations, val_size, max_size = resolve_data(args, saved_config)
+        dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
+        if dataset.num_classes > cfg.num_classes:
+            raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
+                               f"predicts {cfg.num_classes} classes")
+        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                            num_workers=args.num_workers)
+        progress = None
+        if dist_info.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(sampler), desc="evaluating")
+            progress = bar.update
+        metrics, detections, _ = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
+                                          progress=progress)
+        if dist_info.is_main:
+            print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
+            print(format_metrics_table(metrics))
+            output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
+            output.write_text(json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
+                                          "num_images": len(dataset), "metrics": metrics}, indent=2))
+            print(f"metrics written to {output}")
+            if args.dump_detections:
+                Path(args.dump_detections).write_text(json.dumps(detections))
+                print(f"{len(detections)} detections written to {args.dump_detections}")
+    except (CheckpointError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -334,23 +334,15 @@ def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
-def _to_container(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return asdict(cfg)
-
-
 def _to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(OmegaConf.create(_to_container(cfg)))
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
 
 
 def _save(path: Path, cfg, model, optimizer, scheduler, scaler, ema, epoch, step, best_ap, metrics, val_set,
           dist_info, rng_states=None) -> None:
-    save_checkpoint(path, model, _to_container(cfg), optimizer=optimizer.state_dict(),
+    save_checkpoint(path, model, asdict(cfg), optimizer=optimizer.state_dict(),
                     lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                     ema=ema.state_dict() if ema is not None else None, epoch=epoch, step=step, best_ap=best_ap,
                     metrics=metrics, category_names={str(k): v for k, v in val_set.category_names.items()},

@@ -148,14 +148,21 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ModelConfig 
     if "model" not in config:
         config = {"model": config}
     content = {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "config": config, **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(content, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            previous = "the previous checkpoint there is untouched" if path.exists() else "no file was written"
+            raise CheckpointError(f"could not write checkpoint {path}: {error} (disk full or quota exceeded?); "
+                                  f"{previous}") from error
         raise
     return path

@@ -35,6 +35,7 @@ class DataConfig:
     crop_max: int = 600
     num_workers: int = 2
     aspect_ratio_grouping: bool = False      # batch images of similar aspect ratio (less padding)
+    on_bad_sample: str = "error"             # error (fail naming the file) | skip (leave out, count, warn)
 
     def split_paths(self, split: str) -> tuple[Path, Path]:
         """(image folder, annotation file) of ``split`` ('train' or 'val')."""
@@ -82,7 +83,9 @@ class RuntimeConfig:
     amp: str = "off"                         # off | fp16 | bf16
     ema: bool = False
     ema_decay: float = 0.9998
-    deterministic: bool = False
+    deterministic: bool = False              # deterministic kernels (+ seeded samplers/augmentations, always on)
+    on_nonfinite: str = "stop"               # stop (report + exit) | skip (drop the step; see max_nonfinite_skips)
+    max_nonfinite_skips: int = 10            # with on_nonfinite=skip: stop after this many skipped steps
     log_every: int = 20                      # steps between log lines / scalars
     max_steps_per_epoch: int | None = None   # cut epochs short (smoke tests)
     max_eval_images: int | None = None       # evaluate on the first N images only
@@ -112,6 +115,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"runtime.amp must be off, fp16 or bf16, got {cfg.runtime.amp!r}")
     if cfg.runtime.progress not in ("auto", "bar", "log"):
         raise ConfigError(f"runtime.progress must be auto, bar or log, got {cfg.runtime.progress!r}")
+    if cfg.data.on_bad_sample not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
+    if cfg.runtime.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"runtime.on_nonfinite must be stop or skip, got {cfg.runtime.on_nonfinite!r}")
     if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
         raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
     if cfg.runtime.eval_every < 1:

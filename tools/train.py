@@ -15,6 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import Config, ConfigError, register_configs, validate
 from detr_deform.data.coco import DatasetError
 
@@ -23,13 +24,17 @@ register_configs()
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from detr_deform.engine.trainer import train
+    from detr_deform.engine.faults import NonFiniteLossError
+    from detr_deform.engine.trainer import TrainingInterrupted, train
 
     try:
         config: Config = OmegaConf.to_object(cfg)
         validate(config)
         train(config)
-    except (ConfigError, DatasetError) as error:
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -3,36 +3,32 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import random
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from detr_deform.data.validation import DatasetError, check_structure, load_rgb_image, read_instances_json
 
-class DatasetError(ValueError):
-    """A dataset file or annotation is unusable; the message names it."""
+__all__ = ["CocoDetection", "DatasetError", "collate_fn", "load_coco_json", "read_instances_json",
+           "raise_worker_errors_cleanly", "skipped_in"]
+
+BAD_SAMPLE_POLICIES = ("error", "skip")
+_MAX_CONSECUTIVE_BAD = 50
+# Problems that leave no sensible way to read the file, whatever on_bad_sample says.
+_STRUCTURAL = {"malformed_json", "malformed_category", "duplicate_category", "duplicate_image_id"}
 
 
-def load_coco_json(annotation_file: str | Path):
-    """pycocotools COCO index, quiet, with clear errors for missing/broken files."""
+def load_coco_json(annotation_file: str | Path, content: dict | None = None):
+    """pycocotools COCO index, quiet."""
     from pycocotools.coco import COCO
 
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise DatasetError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path}: not valid JSON ({error})") from error
-    for key in ("images", "annotations", "categories"):
-        if key not in content:
-            raise DatasetError(f"{path}: missing required top-level key '{key}' (COCO instances format)")
     coco = COCO()
-    coco.dataset = content
+    coco.dataset = content if content is not None else read_instances_json(annotation_file)
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -44,22 +40,67 @@ class CocoDetection(torch.utils.data.Dataset):
     the transforms produce a normalised image and normalised cxcywh boxes.
 
     Crowd annotations are dropped, boxes converted from xywh to xyxy, clamped to
-    the image and degenerate ones removed (official ConvertCocoPolysToMask).
+    the image and degenerate ones removed (official ConvertCocoPolysToMask);
+    degenerate boxes are counted in one warning at start-up. Images without
+    annotations are kept (empty targets).
+
+    ``on_bad_sample``: "error" fails on the first malformed annotation (at
+    start-up) or unreadable image (when it is read) with the file and reason;
+    "skip" leaves such images out, counts them in a warning and, for an image
+    found unreadable during training, serves the next good one instead and
+    records ``target["skipped"] = [(image_id, reason), ...]``.
+
+    Random augmentations are seeded per sample from (``seed``, epoch set by
+    ``set_epoch``, index), so a sample's augmentation does not depend on the
+    worker that loads it or on the samples loaded before it (determinism and
+    exact mid-epoch resume).
     """
 
     def __init__(self, image_folder: str | Path, annotation_file: str | Path,
-                 transforms: Callable | None = None) -> None:
+                 transforms: Callable | None = None, on_bad_sample: str = "error", seed: int = 0) -> None:
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         self.image_folder = Path(image_folder)
         if not self.image_folder.is_dir():
             raise DatasetError(f"image folder not found: {self.image_folder}")
         self.annotation_file = Path(annotation_file)
-        self.coco = load_coco_json(annotation_file)
-        self.ids = sorted(self.coco.imgs.keys())
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self.epoch = 0
+        content = read_instances_json(annotation_file)
+        excluded = self._check(content)
+        self.coco = load_coco_json(annotation_file, content)
+        self.ids = sorted(i for i in self.coco.imgs if i not in excluded)
         self.transforms = transforms
-        categories = self.coco.dataset["categories"]
-        if not categories:
-            raise DatasetError(f"{self.annotation_file}: 'categories' is empty")
-        self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+        self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in content["categories"]}
+
+    def _check(self, content: dict) -> set[int]:
+        """Start-up checks of the JSON. In skip mode, drops bad annotations from
+        ``content`` and returns the ids of the images they belong to (left out)."""
+        problems = check_structure(content, str(self.annotation_file))
+        errors = [p for p in problems if p.severity == "error"]
+        fatal = [p for p in errors if self.on_bad_sample == "error" or p.kind in _STRUCTURAL
+                 or (p.image_id is None and p.annotation_index is None)]
+        if fatal:
+            shown = "; ".join(str(p) for p in fatal[:3])
+            more = f" (+{len(fatal) - 3} more)" if len(fatal) > 3 else ""
+            hint = ("" if self.on_bad_sample == "skip" or any(p.kind in _STRUCTURAL for p in fatal)
+                    else " Or set data.on_bad_sample=skip to leave the images concerned out.")
+            raise DatasetError(f"{self.annotation_file}: {len(fatal)} problem(s): {shown}{more}. Run "
+                               f"tools/check_dataset.py for a full report.{hint}")
+        bad_annotations = {p.annotation_index for p in errors if p.annotation_index is not None}
+        if bad_annotations:
+            content["annotations"] = [a for i, a in enumerate(content["annotations"]) if i not in bad_annotations]
+        excluded = {p.image_id for p in errors if isinstance(p.image_id, int)}
+        if errors:
+            warnings.warn(f"{self.annotation_file}: data.on_bad_sample=skip: ignoring {len(bad_annotations)} "
+                          f"malformed annotation(s) and leaving out the {len(excluded)} image(s) they belong to, "
+                          f"e.g. {errors[0]}", stacklevel=3)
+        dropped = [p for p in problems if p.kind == "degenerate_box"]
+        if dropped:
+            warnings.warn(f"{self.annotation_file}: {len(dropped)} degenerate box(es) will be dropped "
+                          f"(non-positive width/height or outside the image), e.g. {dropped[0]}", stacklevel=3)
+        return excluded
 
     @property
     def num_classes(self) -> int:
@@ -69,18 +110,15 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def load_image(self, image_id: int) -> Image.Image:
         info = self.coco.imgs[image_id]
-        path = self.image_folder / info["file_name"]
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except FileNotFoundError as error:
-            raise DatasetError(f"image {image_id}: file not found: {path}") from error
-        except OSError as error:
-            raise DatasetError(f"image {image_id}: cannot read {path}: {error}") from error
+        size = (info["width"], info["height"]) if "width" in info and "height" in info else None
+        return load_rgb_image(self.image_folder / info["file_name"], size, where=f"image {image_id}")
 
-    def __getitem__(self, index: int):
+    def _sample(self, index: int):
         image_id = self.ids[index]
         image = self.load_image(image_id)
         width, height = image.size
@@ -98,11 +136,62 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": torch.tensor([height, width]),
         }
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+            python_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed % 2**63)
+                random.seed(sample_seed)
+                try:
+                    image, target = self.transforms(image, target)
+                finally:
+                    random.setstate(python_state)
         return image, target
+
+    def __getitem__(self, index: int):
+        if self.on_bad_sample == "error":
+            return self._sample(index)
+        skipped: list[tuple[int, str]] = []
+        for attempt in range(min(len(self.ids), _MAX_CONSECUTIVE_BAD)):
+            position = (index + attempt) % len(self.ids)
+            try:
+                image, target = self._sample(position)
+            except DatasetError as error:
+                skipped.append((self.ids[position], str(error)))
+                continue
+            if skipped:
+                target["skipped"] = skipped
+            return image, target
+        raise DatasetError(f"{len(skipped)} consecutive unreadable images from index {index} "
+                           f"(data.on_bad_sample=skip), last: {skipped[-1][1]}")
 
 
 def collate_fn(batch):
     """List of (image, target) -> (list of images, list of targets); the model pads."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def skipped_in(targets: list[dict]) -> list[tuple[int, str]]:
+    """The (image_id, reason) records of images skipped to build this batch."""
+    return [record for t in targets for record in t.get("skipped", ())]
+
+
+def raise_worker_errors_cleanly(loader: Iterable) -> Iterator:
+    """Iterates a DataLoader; a DatasetError raised in a worker process comes out
+    as a DatasetError with the original one-line message instead of the
+    worker's traceback text."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except DatasetError as error:
+            text = str(error)
+            marker = "DatasetError: "
+            if "Original Traceback" in text and marker in text:
+                text = text[text.rindex(marker) + len(marker):].strip()
+                raise DatasetError(text) from None
+            raise
+        yield batch
+

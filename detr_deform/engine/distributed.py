@@ -85,8 +85,12 @@ def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistIn
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def broadcast_object(value, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
@@ -94,13 +98,13 @@ def broadcast_object(value, src: int = 0):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean over ranks of a dict of floats (same keys on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not values:
+    if not is_initialized() or dist.get_world_size() == 1 or not values:
         return values
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
@@ -110,5 +114,5 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()

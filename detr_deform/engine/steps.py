@@ -8,11 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from detr_deform.data.coco import raise_worker_errors_cleanly
 from detr_deform.engine.coco_eval import detections_to_coco, evaluate_coco, gather_detections
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient became NaN/inf; the message lists the step, images and terms."""
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -73,7 +70,7 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader: Iterable, coco_
     model.eval()
     entries: list[dict] = []
     image_ids: list[int] = []
-    for images, targets in loader:
+    for images, targets in raise_worker_errors_cleanly(loader):
         images = [image.to(device, non_blocking=True) for image in images]
         with autocast_context(device, amp):
             outputs = model(images)

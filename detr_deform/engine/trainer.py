@@ -16,10 +16,10 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from detr_deform.checkpoint import read_checkpoint, save_checkpoint
 from detr_deform.config import Config, ConfigError
-from detr_deform.data.coco import CocoDetection, collate_fn
+from detr_deform.data.coco import CocoDetection, collate_fn, raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
-from detr_deform.engine import distributed
+from detr_deform.engine import distributed, faults
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.optim import build_optimizer, build_scheduler
 from detr_deform.engine.run_logger import RunLogger
@@ -43,8 +43,10 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
                   crop_resize_sizes=d.crop_resize_sizes, crop_min=d.crop_min, crop_max=d.crop_max)
     train_images, train_annotations = d.split_paths("train")
     val_images, val_annotations = d.split_paths("val")
-    train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs))
-    val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs))
+    train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs),
+                          on_bad_sample=d.on_bad_sample, seed=cfg.runtime.seed)
+    val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs),
+                        on_bad_sample=d.on_bad_sample, seed=cfg.runtime.seed)
     return train, val
 
 
@@ -58,6 +60,25 @@ def check_num_classes(cfg: Config, dataset: CocoDetection) -> None:
             f"{from_data - 1}, i.e. num_classes={from_data} (max id + 1); remove model.num_classes to use the "
             f"dataset's value"
         )
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A batch sampler whose next epoch can start after the first ``skip``
+    batches, without loading them (resuming in the middle of an epoch)."""
+
+    def __init__(self, batch_sampler: BatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+        self.sampler = batch_sampler.sampler
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for index, batch in enumerate(self.batch_sampler):
+            if index >= skip:
+                yield batch
 
 
 class AspectRatioBatchSampler(BatchSampler):
@@ -86,8 +107,9 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, dist_in
     else:
         batch_sampler = BatchSampler(train_sampler, cfg.optim.batch_size, drop_last=True)
     generator = torch.Generator()
-    train_loader = DataLoader(train, batch_sampler=batch_sampler, collate_fn=collate_fn,
+    train_loader = DataLoader(train, batch_sampler=ResumableBatchSampler(batch_sampler), collate_fn=collate_fn,
                               num_workers=cfg.data.num_workers, generator=generator,
+                              worker_init_fn=faults.ignore_stop_signals,
                               pin_memory=dist_info.device.type == "cuda")
     val_subset = val
     if cfg.runtime.max_eval_images is not None:
@@ -95,7 +117,8 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, dist_in
     val_sampler = DistributedSampler(val_subset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                      shuffle=False)
     val_loader = DataLoader(val_subset, batch_size=cfg.optim.batch_size, sampler=val_sampler,
-                            collate_fn=collate_fn, num_workers=cfg.data.num_workers)
+                            collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+                            worker_init_fn=faults.ignore_stop_signals)
     return train_loader, train_sampler, val_loader
 
 
@@ -106,6 +129,10 @@ def choose_run_dir(cfg: Config, dist_info: distributed.DistInfo) -> Path:
     if dist_info.is_main:
         if cfg.runtime.output_dir:
             run_dir = Path(cfg.runtime.output_dir)
+            if not cfg.runtime.resume and (run_dir / "checkpoint_last.pth").is_file():
+                raise ConfigError(
+                    f"runtime.output_dir={run_dir} already holds a run (checkpoint_last.pth); pass "
+                    f"runtime.resume=auto to continue it, or choose another output_dir (nothing was overwritten)")
         else:
             base = Path("runs") / cfg.experiment
             previous = sorted(base.glob("*/checkpoint_last.pth")) if base.is_dir() else []
@@ -164,16 +191,28 @@ def log_prediction_images(logger: RunLogger, model, postprocessor, dataset, coun
         logger.image(f"val/predictions_{index}", drawn, step)
 
 
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code``
+    is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def train(cfg: Config) -> dict[str, float]:
-    """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere)."""
+    """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).
+    Raises TrainingInterrupted after a stop signal (a checkpoint has been written),
+    NonFiniteLossError on a non-finite loss (runtime.on_nonfinite)."""
     dist_info = distributed.init_distributed(cfg.runtime.device, cfg.runtime.dist_timeout_s)
     try:
-        return _train(cfg, dist_info)
+        with faults.GracefulStop() as stopper:
+            return _train(cfg, dist_info, stopper)
     finally:
         distributed.cleanup()
 
 
-def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
+def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.GracefulStop) -> dict[str, float]:
     device = dist_info.device
     seed = cfg.runtime.seed + dist_info.rank
     torch.manual_seed(seed)
@@ -182,6 +221,8 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    if faults.restarted_by_torchrun() and not cfg.runtime.resume:
+        cfg.runtime.resume = "auto"  # a worker restarted by torchrun --max-restarts continues the run
 
     resolve_data_root(cfg, dist_info)
     train_set, val_set = build_datasets(cfg)
@@ -189,6 +230,8 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
     run_dir = choose_run_dir(cfg, dist_info)
     logger = RunLogger(run_dir, dist_info.is_main)
     if dist_info.is_main:
+        for path in faults.remove_stale_temporaries(run_dir):
+            logger.console(f"removed {path.name}, left by an interrupted checkpoint write")
         (run_dir / "config.yaml").write_text(_to_yaml(cfg))
     logger.console(f"run directory: {run_dir} | world size {dist_info.world_size} | device {device}")
 
@@ -216,7 +259,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start_epoch, step, best_ap = 0, 0, -1.0
+    start_epoch, step, best_ap, skip_batches, nonfinite_skips = 0, 0, -1.0, 0, 0
     resume_path = _resume_path(cfg, run_dir)
     if resume_path is not None:
         state = read_checkpoint(resume_path)
@@ -227,11 +270,15 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
-        start_epoch, step, best_ap = state["epoch"] + 1, state["step"], state.get("best_ap", -1.0)
+        step, best_ap = state["step"], state.get("best_ap", -1.0)
+        nonfinite_skips = state.get("nonfinite_skips", 0)
+        skip_batches = state.get("batches_done", 0)
+        start_epoch = state["epoch"] if skip_batches else state["epoch"] + 1
         rng = state.get("rng", {}).get(str(dist_info.rank))
         if rng is not None:
             _set_rng_state(rng)
-        logger.console(f"resumed from {resume_path} at epoch {start_epoch} (step {step})")
+        where = f"epoch {start_epoch}, batch {skip_batches}" if skip_batches else f"epoch {start_epoch}"
+        logger.console(f"resumed from {resume_path} at {where} (step {step})")
 
     train_loader, train_sampler, val_loader = build_loaders(cfg, train_set, val_set, dist_info)
     steps_per_epoch = len(train_loader)
@@ -239,52 +286,92 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
         steps_per_epoch = min(steps_per_epoch, cfg.runtime.max_steps_per_epoch)
     use_bar = dist_info.is_main and (cfg.runtime.progress == "bar" or
                                      (cfg.runtime.progress == "auto" and sys.stderr.isatty()))
+
+    def save_last(epoch: int, batches_done: int = 0) -> None:
+        rng_states = _gather_rng(dist_info)
+        if dist_info.is_main:
+            _save(run_dir / "checkpoint_last.pth", cfg, model, optimizer, scheduler, scaler, ema, epoch, step,
+                  best_ap, metrics, val_set, rng_states, batches_done=batches_done, nonfinite_skips=nonfinite_skips)
+
     metrics: dict[str, float] = {}
+    skipped_images = 0
     for epoch in range(start_epoch, cfg.optim.epochs):
         train_sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
         train_loader.generator.manual_seed(cfg.runtime.seed * 100003 + epoch * 1009 + dist_info.rank)
+        train_loader.batch_sampler.skip = skip_batches
         train_model.train()
         epoch_sums: dict[str, float] = {}
+        summed_steps = 0
         epoch_start = time.time()
         bar = None
         if use_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
-        for batch_index, (images, targets) in enumerate(train_loader):
+            bar = tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch}", dynamic_ncols=True,
+                       leave=False)
+        batches = raise_worker_errors_cleanly(train_loader)
+        for batch_index, (images, targets) in enumerate(batches, start=skip_batches):
             if batch_index >= steps_per_epoch:
                 break
+            for image_id, reason in skipped_in(targets):
+                skipped_images += 1
+                logger.console(f"warning: skipped unreadable image (data.on_bad_sample=skip): {reason}")
             images = [image.to(device, non_blocking=True) for image in images]
             targets = move_targets(targets, device)
             losses, total, grad_norm = train_step(train_model, criterion, images, targets, optimizer,
                                                   cfg.optim.clip_max_norm, cfg.runtime.amp, scaler)
-            if not math.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite loss at epoch {epoch}, step {step}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items())))
-            if ema is not None:
-                ema.update_parameters(model)
             step += 1
-            for key, value in losses.items():
-                epoch_sums[key] = epoch_sums.get(key, 0.0) + value
-            epoch_sums["loss"] = epoch_sums.get("loss", 0.0) + total
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}")
-            if step % cfg.runtime.log_every == 0 or batch_index == steps_per_epoch - 1:
-                values = {"epoch": epoch, "loss": total, "grad_norm": float(grad_norm), **losses,
-                          **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-                logger.record("train", step, values, tb_prefix="train")
-                if bar is None:
-                    logger.console(f"epoch {epoch} step {batch_index + 1}/{steps_per_epoch} loss {total:.4f} "
-                                   f"(ce {losses['loss_ce']:.3f} bbox {losses['loss_bbox']:.3f} "
-                                   f"giou {losses['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e}")
+            if faults.is_nonfinite(total, grad_norm, scaler is not None):
+                report = faults.nonfinite_report(epoch, step, targets, losses, total, grad_norm)
+                if cfg.runtime.on_nonfinite == "stop" or nonfinite_skips >= cfg.runtime.max_nonfinite_skips:
+                    detail = ""
+                    if dist_info.is_main:
+                        detail = f"; report written to {faults.write_report(run_dir, report)}"
+                    why = ("runtime.on_nonfinite=stop" if cfg.runtime.on_nonfinite == "stop" else
+                           f"more than runtime.max_nonfinite_skips={cfg.runtime.max_nonfinite_skips} skipped steps")
+                    raise faults.NonFiniteLossError(
+                        f"{faults.format_report(report)}{detail}. Stopped ({why}); the weights were not updated by "
+                        f"this step and {run_dir / 'checkpoint_last.pth'} holds the last good state. Lower the "
+                        f"learning rate, check the images above, or set runtime.on_nonfinite=skip")
+                nonfinite_skips += 1
+                logger.record("nonfinite", step, report)
+                logger.console(f"warning: skipped step ({nonfinite_skips}/{cfg.runtime.max_nonfinite_skips}): "
+                               f"{faults.format_report(report)}")
+            else:
+                if ema is not None:
+                    ema.update_parameters(model)
+                for key, value in losses.items():
+                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+                epoch_sums["loss"] = epoch_sums.get("loss", 0.0) + total
+                summed_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{total:.3f}")
+                if step % cfg.runtime.log_every == 0 or batch_index == steps_per_epoch - 1:
+                    values = {"epoch": epoch, "loss": total, "grad_norm": float(grad_norm), **losses,
+                              **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+                    logger.record("train", step, values, tb_prefix="train")
+                    if bar is None:
+                        logger.console(f"epoch {epoch} step {batch_index + 1}/{steps_per_epoch} loss {total:.4f} "
+                                       f"(ce {losses['loss_ce']:.3f} bbox {losses['loss_bbox']:.3f} "
+                                       f"giou {losses['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e}")
+            if stopper.requested(device):
+                if bar is not None:
+                    bar.close()
+                save_last(epoch, batches_done=batch_index + 1)
+                distributed.barrier()
+                raise TrainingInterrupted(
+                    f"stopped by {stopper.signal_name} at epoch {epoch}, step {step}; checkpoint written to "
+                    f"{run_dir / 'checkpoint_last.pth'}. Continue with: python tools/train.py <same arguments> "
+                    f"runtime.output_dir={run_dir} runtime.resume=auto", stopper.exit_code)
         if bar is not None:
             bar.close()
+        skip_batches = 0
         scheduler.step()
-        count = max(1, min(steps_per_epoch, len(train_loader)))
-        averages = distributed.all_reduce_mean({k: v / count for k, v in epoch_sums.items()}, device)
+        averages = distributed.all_reduce_mean({k: v / max(1, summed_steps) for k, v in epoch_sums.items()}, device)
         logger.record("epoch", step, {"epoch": epoch, "seconds": round(time.time() - epoch_start, 2),
+                                      "skipped_images": skipped_images, "nonfinite_skips": nonfinite_skips,
                                       **{f"train_{k}": v for k, v in averages.items()}})
 
         is_last = epoch == cfg.optim.epochs - 1
@@ -298,11 +385,8 @@ def _train(cfg: Config, dist_info: distributed.DistInfo) -> dict[str, float]:
             if dist_info.is_main and metrics["AP"] > best_ap:
                 best_ap = metrics["AP"]
                 _save(run_dir / "checkpoint_best.pth", cfg, model, optimizer, scheduler, scaler, ema, epoch, step,
-                      best_ap, metrics, val_set, dist_info)
-        rng_states = _gather_rng(dist_info)
-        if dist_info.is_main:
-            _save(run_dir / "checkpoint_last.pth", cfg, model, optimizer, scheduler, scaler, ema, epoch, step,
-                  best_ap, metrics, val_set, dist_info, rng_states)
+                      best_ap, metrics, val_set, nonfinite_skips=nonfinite_skips)
+        save_last(epoch)
         distributed.barrier()
 
     if dist_info.is_main and metrics:
@@ -341,9 +425,11 @@ def _to_yaml(cfg: Config) -> str:
 
 
 def _save(path: Path, cfg, model, optimizer, scheduler, scaler, ema, epoch, step, best_ap, metrics, val_set,
-          dist_info, rng_states=None) -> None:
+          rng_states=None, batches_done: int = 0, nonfinite_skips: int = 0) -> None:
+    """``epoch`` is the last epoch trained, completely unless ``batches_done`` > 0
+    (a checkpoint written on a stop signal in the middle of the epoch)."""
     save_checkpoint(path, model, asdict(cfg), optimizer=optimizer.state_dict(),
                     lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                     ema=ema.state_dict() if ema is not None else None, epoch=epoch, step=step, best_ap=best_ap,
                     metrics=metrics, category_names={str(k): v for k, v in val_set.category_names.items()},
-                    rng=rng_states or {})
+                    rng=rng_states or {}, batches_done=batches_done, nonfinite_skips=nonfinite_skips)

@@ -1,0 +1,125 @@
+"""What the trainer does when something goes wrong: pre-emption signals,
+non-finite losses, leftovers of interrupted checkpoint writes, torchrun restarts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from detr_deform.engine import distributed
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN/inf; the message lists the step, images and terms."""
+
+
+class GracefulStop:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step (the
+    trainer then writes a checkpoint and exits). A second SIGINT (Ctrl-C twice)
+    interrupts at once. Handlers are installed only in the main thread and
+    restored on exit."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this step, saving a checkpoint, then exiting "
+              f"(Ctrl-C again to abort without saving)", flush=True)
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank received a stop signal (all ranks agree)."""
+        flag = self.signal_name is not None
+        if not distributed.is_initialized():
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        if value.item() > 0 and self.signal_name is None:
+            self.signal_name = "stop request from another rank"
+        return value.item() > 0
+
+    @property
+    def exit_code(self) -> int:
+        """128 + signal number, the shell convention for a run ended by a signal."""
+        for signum in STOP_SIGNALS:
+            if signal.Signals(signum).name == self.signal_name:
+                return 128 + signum
+        return 128 + signal.SIGTERM
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT (SLURM and Ctrl-C
+    signal the whole process group) so that only the main process reacts, saves
+    and shuts the workers down."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def is_nonfinite(total: float, grad_norm: torch.Tensor, fp16_scaler_in_use: bool) -> bool:
+    """A non-finite loss, or a non-finite gradient norm without an fp16 GradScaler
+    (with one, overflowing gradients are routine: the scaler skips the step and
+    lowers its scale)."""
+    if not math.isfinite(total):
+        return True
+    return not fp16_scaler_in_use and not bool(torch.isfinite(torch.as_tensor(grad_norm)))
+
+
+def nonfinite_report(epoch: int, step: int, targets: list[dict], losses: dict[str, float], total: float,
+                     grad_norm: torch.Tensor) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "image_ids": [int(t["image_id"]) for t in targets],
+        "loss": total,
+        "grad_norm": float(grad_norm),
+        "loss_terms": dict(sorted(losses.items())),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in report["loss_terms"].items())
+    return (f"non-finite loss/gradient at epoch {report['epoch']}, step {report['step']} "
+            f"(images {report['image_ids']}): loss={report['loss']:.4g}, grad_norm={report['grad_norm']:.4g}; {terms}")
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    path = run_dir / f"nonfinite_step{report['step']}.json"
+    path.write_text(json.dumps(report, indent=2, allow_nan=True))
+    return path
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Temporary files left by checkpoint writes that were killed (the good
+    checkpoints themselves are never touched)."""
+    stale = sorted(run_dir.glob(".checkpoint_*.pth.*.tmp")) if run_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def restarted_by_torchrun() -> bool:
+    """True in a worker that torchrun restarted after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0

@@ -1,0 +1,72 @@
+"""tools/train.py with faults injected from environment variables (tests only):
+
+FAULT_NAN_AT_STEPS=3,4   the criterion's loss_giou is NaN at these (1-based) training steps
+FAULT_CRASH_AT_STEP=5    the process dies (exit 1) at this step ...
+FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
+FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)
+FAULT_SLEEP_S=0.2        sleep after every step (time to send a signal)
+
+Arguments are passed to tools/train.py unchanged.
+"""
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import detr_deform.engine.trainer as trainer  # noqa: E402
+
+
+def _steps(name: str) -> set[int]:
+    return {int(s) for s in os.environ.get(name, "").split(",") if s}
+
+
+NAN_STEPS = _steps("FAULT_NAN_AT_STEPS")
+CRASH_STEP = int(os.environ.get("FAULT_CRASH_AT_STEP", "0"))
+CRASH_RANK = os.environ.get("FAULT_CRASH_RANK")
+CRASH_ONCE = os.environ.get("FAULT_CRASH_ONCE") == "1"
+SLEEP_S = float(os.environ.get("FAULT_SLEEP_S", "0"))
+calls = {"criterion": 0, "step": 0}
+build_criterion = trainer.build_criterion
+train_step = trainer.train_step
+
+
+def faulty_criterion(model_cfg):
+    criterion = build_criterion(model_cfg)
+    forward = criterion.forward
+
+    def corrupted(outputs, targets):
+        losses = forward(outputs, targets)
+        calls["criterion"] += 1
+        if calls["criterion"] in NAN_STEPS:
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    criterion.forward = corrupted
+    return criterion
+
+
+def faulty_step(*args, **kwargs):
+    result = train_step(*args, **kwargs)
+    calls["step"] += 1
+    rank_matches = CRASH_RANK is None or os.environ.get("RANK", "0") == CRASH_RANK
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if calls["step"] == CRASH_STEP and rank_matches and (first_attempt or not CRASH_ONCE):
+        print(f"injected crash at step {CRASH_STEP} on rank {os.environ.get('RANK', '0')}", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    if SLEEP_S:
+        time.sleep(SLEEP_S)
+    return result
+
+
+trainer.build_criterion = faulty_criterion
+trainer.train_step = faulty_step
+torch.manual_seed(0)
+sys.argv = [str(ROOT / "tools" / "train.py"), *sys.argv[1:]]
+runpy.run_path(str(ROOT / "tools" / "train.py"), run_name="__main__")

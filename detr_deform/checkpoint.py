@@ -90,7 +90,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     model in eval mode on ``device`` and its ModelConfig.
     """
     path = Path(path)
-    content = read_checkpoint(path)
+    return model_from_content(read_checkpoint(path), path, device, cfg)
+
+
+def model_from_content(content: Any, path: str | os.PathLike, device: str | torch.device = "cpu",
+                       cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
+    """``load_model`` for a checkpoint already read with ``read_checkpoint``."""
+    path = Path(path)
     if cfg is None:
         cfg = config_of(content, path)
     elif isinstance(cfg, dict):

@@ -19,3 +19,15 @@ def tiny_demo_root(tmp_path_factory):
     from detr_deform.data.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", sizes={"train": 12, "val": 7})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_demo_root, tmp_path_factory):
+    """A tiny model trained for 2 x 3 steps on the tiny demo data by tools/train.py:
+    (run directory, completed process)."""
+    from pipeline_helpers import tiny_train_args, train
+
+    out = tmp_path_factory.mktemp("run")
+    done = train(*tiny_train_args(tiny_demo_root, out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done

@@ -8,14 +8,6 @@ import torch
 from pipeline_helpers import PYTHON, run, tiny_train_args, train
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    done = train(*tiny_train_args(tiny_demo_root, out))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done
-
-
 def test_run_directory_contents(trained_run):
     out, done = trained_run
     for name in ("config.yaml", "log.jsonl", "checkpoint_last.pth", "checkpoint_best.pth", "metrics.json"):

@@ -18,7 +18,7 @@ from detr_deform.checkpoint import read_checkpoint, save_checkpoint
 from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import CocoDetection, collate_fn, raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.demo import ensure_demo_dataset
-from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from detr_deform.data.transforms import build_transforms
 from detr_deform.engine import distributed, faults
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.optim import build_optimizer, build_scheduler
@@ -163,16 +163,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _denormalize(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((image.cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def log_prediction_images(logger: RunLogger, model, postprocessor, dataset, count: int, device, step: int,
                           category_names: dict[int, str], threshold: float = 0.3) -> None:
-    from torchvision.utils import draw_bounding_boxes
+    from detr_deform.visualization import denormalize, detection_labels, draw_boxes
 
     if not logger.enabled or count <= 0:
         return
@@ -183,11 +177,9 @@ def log_prediction_images(logger: RunLogger, model, postprocessor, dataset, coun
         size = torch.tensor([image.shape[-2:]], device=device)
         result = postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, size)[0]
         keep = result["scores"] > threshold
-        labels = [f"{category_names.get(int(l), int(l))} {s:.2f}"
-                  for l, s in zip(result["labels"][keep], result["scores"][keep])]
-        drawn = _denormalize(image)
-        if keep.any():
-            drawn = draw_bounding_boxes(drawn, result["boxes"][keep].cpu(), labels=labels, colors="red")
+        labels = result["labels"][keep].cpu()
+        drawn = draw_boxes(denormalize(image), result["boxes"][keep].cpu(),
+                           detection_labels(result["scores"][keep], labels, category_names), labels.tolist())
         logger.image(f"val/predictions_{index}", drawn, step)
 
 

@@ -43,6 +43,8 @@ class MSDeformAttn(nn.Module):
         self.keep_sampling = False
         self.last_sampling_locations: torch.Tensor | None = None
         self.last_attention_weights: torch.Tensor | None = None
+        self.last_reference_points: torch.Tensor | None = None
+        self.last_spatial_shapes: torch.Tensor | None = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -107,7 +109,9 @@ class MSDeformAttn(nn.Module):
         )
         if reference_points.shape[-1] == 2:
             # Offsets are (x, y) in pixels of their level, hence the (W, H) normaliser.
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            # Cast explicitly (same values): the ONNX exporter would otherwise promote to float64.
+            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1).to(
+                sampling_offsets.dtype)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
@@ -125,6 +129,8 @@ class MSDeformAttn(nn.Module):
         if self.keep_sampling:
             self.last_sampling_locations = sampling_locations.detach()
             self.last_attention_weights = attention_weights.detach()
+            self.last_reference_points = reference_points.detach()
+            self.last_spatial_shapes = input_spatial_shapes.detach()
         output = ms_deform_attn(
             value.to(sampling_locations.dtype) if value.dtype != sampling_locations.dtype else value,
             input_spatial_shapes,

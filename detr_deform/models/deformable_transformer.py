@@ -69,13 +69,14 @@ class DeformableTransformerEncoder(nn.Module):
         the level, then scaled by the valid ratios of every level: (N, S, L, 2)."""
         reference_points = []
         for level, (height, width) in enumerate(spatial_shapes.tolist()):
+            # arange + 0.5 equals the official linspace(0.5, n - 0.5, n) exactly and exports to ONNX in float32.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * float(height))
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * float(width))
             reference_points.append(torch.stack((ref_x, ref_y), -1))
         reference_points = torch.cat(reference_points, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]

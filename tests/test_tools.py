@@ -1,0 +1,151 @@
+"""The user tools end to end on the tiny demo data and a tiny trained checkpoint:
+infer, visualize (attention and dataset), plot_logs, export (ONNX), benchmark."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_helpers import PYTHON, TINY_MODEL, run
+
+
+def tool(name: str, *args, timeout: int = 300):
+    return run([PYTHON, f"tools/{name}.py", *map(str, args)], timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    return trained_run[0] / "checkpoint_last.pth"
+
+
+def test_infer_writes_coco_results_and_drawn_images(checkpoint, tiny_demo_root, tmp_path):
+    val = tiny_demo_root / "val2017"
+    done = tool("infer", checkpoint, val, "--draw", "--format", "jpg", "--threshold", "0", "--topk", "5",
+                "--batch-size", "3", "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    detections = json.loads((tmp_path / "detections.json").read_text())
+    index = json.loads((tmp_path / "images.json").read_text())
+    sources = sorted(val.glob("*.jpg"))
+    assert [entry["file_name"] for entry in index["images"]] == [str(p) for p in sources]
+    assert {c["name"] for c in index["categories"]} >= {"square", "circle", "triangle"}
+    assert len(detections) == 5 * len(sources)
+    for entry in detections:
+        assert set(entry) == {"image_id", "file_name", "category_id", "category_name", "bbox", "score"}
+        assert 1 <= entry["image_id"] <= len(sources) and 0 <= entry["score"] <= 1
+        x, y, w, h = entry["bbox"]
+        assert w >= 0 and h >= 0
+        assert entry["category_name"] == {c["id"]: c["name"] for c in index["categories"]}[entry["category_id"]]
+    for entry in index["images"]:
+        with Image.open(tmp_path / entry["drawn"]) as drawn, Image.open(entry["file_name"]) as source:
+            assert drawn.format == "JPEG" and drawn.size == source.size
+    scores = [d["score"] for d in detections if d["image_id"] == 1]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_infer_threshold_and_bad_input(checkpoint, tiny_demo_root, tmp_path):
+    done = tool("infer", checkpoint, tiny_demo_root / "val2017" / "val_00001.jpg", "--threshold", "1.01",
+                "--output-dir", tmp_path)
+    assert done.returncode == 0 and json.loads((tmp_path / "detections.json").read_text()) == []
+    missing = tool("infer", checkpoint, tmp_path / "nothing_here", "--output-dir", tmp_path)
+    assert missing.returncode == 2 and "no image files found" in missing.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    failed = tool("infer", checkpoint, broken, "--output-dir", tmp_path)
+    assert failed.returncode == 2 and "cannot read image" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root, tmp_path):
+    image = tiny_demo_root / "val2017" / "val_00002.jpg"
+    done = tool("visualize", "attention", checkpoint, image, "--queries", "2", "--pixel", "30,40",
+                "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = [p for p in json.loads(done.stdout.strip().splitlines()[-1])]
+    assert len(written) == 3 and sum("_pixel_30_40" in p for p in written) == 1
+    with Image.open(image) as source:
+        size = source.size
+        original = source.convert("RGB")
+    for path in written:
+        with Image.open(path) as drawn:
+            assert drawn.format == "PNG" and drawn.size == size
+            assert drawn.convert("RGB").tobytes() != original.tobytes()  # something was drawn
+    outside = tool("visualize", "attention", checkpoint, image, "--pixel", "5000,5", "--output-dir", tmp_path)
+    assert outside.returncode == 2 and "outside the" in outside.stderr
+
+
+def test_sampling_points_match_the_model(checkpoint, tiny_demo_root):
+    """The drawn points are the last decoder layer's sampling locations, in pixels."""
+    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.inference import Predictor, decoder_sampling, encoder_sampling
+
+    predictor = Predictor(checkpoint, device="cpu")
+    image = load_rgb_image(tiny_demo_root / "val2017" / "val_00003.jpg")
+    prediction = predictor.predict([image], keep_sampling=True)[0]
+    layer = predictor.model.transformer.decoder.layers[-1].cross_attn
+    query = int(prediction.queries[0])
+    sampling = decoder_sampling(predictor, prediction, query)
+    heads, levels, points = layer.n_heads, layer.n_levels, layer.n_points
+    assert sampling.points.shape == (heads * levels * points, 2)
+    expected = layer.last_sampling_locations[0, query].reshape(-1, 2) * torch.tensor([image.width, image.height])
+    assert torch.allclose(sampling.points, expected)
+    assert torch.allclose(sampling.weights.view(heads, -1).sum(-1), torch.ones(heads), atol=1e-5)
+    # The top detection is the query with the highest class probability.
+    logits = predictor.model([predictor.preprocess(image)])["pred_logits"][0]
+    assert int(logits.sigmoid().max(-1).values.argmax()) == query
+    encoder = encoder_sampling(predictor, prediction, 0, 0)
+    assert encoder.points.shape[0] == heads * levels * points
+    assert (encoder.reference < torch.tensor([image.width, image.height]) / 4).all()
+
+
+def test_visualize_dataset_draws_augmented_ground_truth(tiny_demo_root, tmp_path):
+    done = tool("visualize", "dataset", "--images", tiny_demo_root / "train2017", "--annotations",
+                tiny_demo_root / "annotations" / "instances_train2017.json", "--num", "3", "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(written) == 3
+    for path in written:
+        with Image.open(path) as drawn:
+            assert drawn.format == "PNG" and 480 <= min(drawn.size) <= 800  # official train scales
+    usage = tool("visualize", "dataset", "--num", "1")
+    assert usage.returncode == 2 and "pass exactly one of" in usage.stderr
+
+
+def test_plot_logs_compares_runs(trained_run, tmp_path):
+    run_dir = trained_run[0]
+    out = tmp_path / "curves.png"
+    done = tool("plot_logs", run_dir, run_dir / "log.jsonl", "--labels", "a", "b", "--output", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1560, 720)
+    missing = tool("plot_logs", tmp_path / "nope")
+    assert missing.returncode == 2 and "no log found" in missing.stderr
+
+
+def test_export_onnx_matches_pytorch(checkpoint, tiny_demo_root, tmp_path):
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    done = tool("export", checkpoint, "--output", out, "--height", "96", "--width", "128",
+                "--check-images", tiny_demo_root / "val2017", "--max-check-images", "2")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    onnx.checker.check_model(str(out))
+    report = json.loads(out.with_suffix(".check.json").read_text())
+    assert report["ok"] and report["images_checked"] == 2
+    assert report["max_abs_diff"]["pred_logits"] < 1e-4 and report["max_abs_diff"]["pred_boxes"] < 1e-4
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, 96, 128]
+    assert [o.name for o in graph.output] == ["pred_logits", "pred_boxes"]
+
+
+def test_benchmark_reports_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    done = tool("benchmark", "experiment=demo", *TINY_MODEL, "--height", "64", "--width", "96", "--batch-sizes",
+                "1", "2", "--warmup", "0", "--repeat", "1", "--train-batch-size", "2", "--json", out, "--markdown",
+                timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["input"] == [64, 96] and results["parameters"] > 1e6 and results["gflops"] > 0
+    assert [e["batch"] for e in results["inference"]] == [1, 2]
+    assert all(e["latency_ms"] > 0 and e["peak_memory_mib"] > 0 for e in results["inference"])
+    assert results["train"]["step_s"] > 0 and results["train"]["batch"] == 2
+    assert "| demo | cpu | 64x96 |" in done.stdout

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Benchmark any experiment configuration: parameters, FLOPs, inference latency
+and throughput (batch 1 and 4), training-step time and peak memory, CPU or GPU.
+
+    python tools/benchmark.py experiment=demo                          # CPU
+    python tools/benchmark.py experiment=two_stage --height 800 --width 1066 --device cuda
+    python tools/benchmark.py experiment=deformable_detr --batch-sizes 1 2 --repeat 5 --markdown
+
+Arguments of the form key=value are Hydra overrides of configs/ (as for
+tools/train.py); the model is built with random weights (nothing is
+downloaded). Default input: the configuration's validation size (shorter side)
+x 4/3. Times are medians of --repeat runs after --warmup runs. Each
+measurement runs in a fresh subprocess so that peak memory is its own: the
+maximum resident set size of the process on CPU (includes the Python/torch
+baseline, reported separately), torch.cuda.max_memory_allocated on GPU.
+FLOPs come from torch.utils.flop_counter (2 per multiply-add); the
+MSDeformAttn operator counts 10 per (query, head, level, point, channel): 4
+bilinear taps and the attention weight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=two_stage")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="inference batch sizes")
+    parser.add_argument("--train-batch-size", type=int, help="default: the config's optim.batch_size")
+    parser.add_argument("--num-classes", type=int, default=91)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one measurement in a subprocess
+    return parser.parse_args(argv)
+
+
+def load_config(overrides: list[str], num_classes: int):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from detr_deform.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+    validate(cfg)
+    cfg.model.pretrained_backbone = None
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = num_classes
+    return cfg
+
+
+def register_operator_flops() -> bool:
+    """Counts the compiled operator; False when it is unavailable (the
+    grid_sample fallback's FLOPs are then not counted)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    from detr_deform.ops import compiled_op_available
+
+    if not compiled_op_available():
+        return False
+
+    @register_flop_formula(torch.ops.detr_deform.ms_deform_attn_forward)
+    def _flops(value_shape, spatial_shapes_shape, level_start_shape, locations_shape, weights_shape, *args,
+               out_shape=None, **kwargs) -> int:
+        batch, queries, heads, levels, points, _ = locations_shape
+        return 10 * batch * queries * heads * levels * points * value_shape[-1]
+
+    return True
+
+
+def _images(batch: int, height: int, width: int, device) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(3, height, width, generator=generator).to(device) for _ in range(batch)]
+
+
+def _targets(batch: int, num_classes: int, device) -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+    targets = []
+    for _ in range(batch):
+        count = 6
+        centres = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(1, num_classes, (count,), generator=generator).to(device),
+                        "boxes": torch.cat([centres, sizes], -1).to(device)})
+    return targets
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_phase(args: argparse.Namespace) -> dict:
+    """One measurement, in this (fresh) process."""
+    from detr_deform.engine.optim import build_optimizer
+    from detr_deform.engine.steps import train_step
+    from detr_deform.models.build import build_criterion, build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.overrides, args.num_classes)
+    device = torch.device(args.device)
+    baseline = _peak_memory_mib(device) if device.type == "cpu" else 0.0
+    model = build_model(cfg.model).to(device)
+    kind, _, batch = args.phase.partition(":")
+    batch = int(batch or 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if kind == "static":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counted = register_operator_flops()
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_images(1, args.height, args.width, device))
+        return {"parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "gflops": counter.get_total_flops() / 1e9, "attention_flops_counted": counted,
+                "baseline_rss_mib": baseline}
+    if kind == "infer":
+        model.eval()
+        images = _images(batch, args.height, args.width, device)
+
+        def step():
+            with torch.no_grad():
+                model(images)
+
+        seconds = _timed(step, device, args.warmup, args.repeat)
+        return {"batch": batch, "latency_ms": seconds * 1000, "images_per_s": batch / seconds,
+                "peak_memory_mib": _peak_memory_mib(device)}
+    criterion = build_criterion(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    images = _images(batch, args.height, args.width, device)
+    targets = _targets(batch, cfg.model.num_classes, device)
+    model.train()
+    seconds = _timed(lambda: train_step(model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm,
+                                        cfg.runtime.amp), device, args.warmup, args.repeat)
+    return {"batch": batch, "step_s": seconds, "peak_memory_mib": _peak_memory_mib(device)}
+
+
+def measure(args: argparse.Namespace, phase: str) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *args.overrides, "--phase", phase,
+               "--device", args.device, "--height", str(args.height), "--width", str(args.width),
+               "--num-classes", str(args.num_classes), "--warmup", str(args.warmup), "--repeat", str(args.repeat)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark phase {phase} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase:
+        print(json.dumps(run_phase(args)))
+        return 0
+    from detr_deform.config import ConfigError
+
+    try:
+        cfg = load_config(args.overrides, args.num_classes)
+    except (ConfigError, Exception) as error:  # Hydra raises several types for bad overrides
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.height = args.height or cfg.data.val_size
+    args.width = args.width or min(cfg.data.max_size, round(args.height * 4 / 3))
+    train_batch = args.train_batch_size or cfg.optim.batch_size
+    results = {"experiment": cfg.experiment, "overrides": args.overrides, "device": args.device,
+               "input": [args.height, args.width], "threads": args.threads or torch.get_num_threads(),
+               **measure(args, "static"),
+               "inference": [measure(args, f"infer:{b}") for b in args.batch_sizes],
+               "train": measure(args, f"train:{train_batch}")}
+    lines = [f"{cfg.experiment} ({' '.join(args.overrides) or 'defaults'}) on {args.device}, "
+             f"input {args.height}x{args.width}, {results['threads']} threads",
+             f"  parameters {results['parameters'] / 1e6:.2f} M ({results['trainable_parameters'] / 1e6:.2f} M "
+             f"trainable), {results['gflops']:.1f} GFLOPs per image (inference)"]
+    for entry in results["inference"]:
+        lines.append(f"  inference batch {entry['batch']}: {entry['latency_ms']:.1f} ms "
+                     f"({entry['images_per_s']:.2f} img/s), peak memory {entry['peak_memory_mib']:.0f} MiB")
+    train = results["train"]
+    lines.append(f"  training step batch {train['batch']}: {train['step_s'] * 1000:.0f} ms, peak memory "
+                 f"{train['peak_memory_mib']:.0f} MiB" + (f" (process baseline {results['baseline_rss_mib']:.0f} MiB)"
+                                                         if args.device == "cpu" else ""))
+    print("\n".join(lines))
+    if args.markdown:
+        infer = " | ".join(f"{e['latency_ms']:.0f} ms / {e['images_per_s']:.1f}" for e in results["inference"])
+        print(f"\n| experiment | device | input | params | GFLOPs | inference ms / img/s "
+              f"(batch {', '.join(map(str, args.batch_sizes))}) | train step (batch {train['batch']}) | "
+              f"train peak MiB |\n|---|---|---|---|---|---|---|---|\n"
+              f"| {cfg.experiment} | {args.device} | {args.height}x{args.width} | {results['parameters'] / 1e6:.1f} M | "
+              f"{results['gflops']:.1f} | {infer} | {train['step_s'] * 1000:.0f} ms | {train['peak_memory_mib']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

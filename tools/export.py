@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Export a checkpoint (ours or official) to ONNX and check it with onnxruntime.
+
+    python tools/export.py runs/demo/<time>/checkpoint_best.pth --output demo.onnx
+    python tools/export.py r50_deformable_detr-checkpoint.pth --height 800 --width 1066 --check-images val2017/
+
+The graph has one input "images" (1, 3, height, width): an RGB image resized to
+exactly height x width, scaled to [0, 1] and normalised with the ImageNet
+mean/std; outputs "pred_logits" (1, Q, C) and "pred_boxes" (1, Q, 4) as
+normalised (cx, cy, w, h) — apply a sigmoid and take the top-k (query, class)
+pairs as detr_deform's PostProcess does. Default size: height = the checkpoint's
+validation size (800 for official files), width = 4/3 of it (capped by its max size).
+
+After export, PyTorch and onnxruntime run on --check-images (default: a few
+random images) and the largest absolute difference of each output is printed;
+the exit status is 1 when it exceeds --tolerance. Limitations: docs/tools.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--output", type=Path, help="ONNX file (default: next to the checkpoint, .onnx)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16 for GridSample)")
+    parser.add_argument("--check-images", nargs="*", default=[],
+                        help="image files/folders/globs for the onnxruntime check (default: 3 random images)")
+    parser.add_argument("--max-check-images", type=int, default=4)
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest acceptable absolute difference")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    args = parser.parse_args(argv)
+    if args.opset < 16:
+        parser.error("--opset must be >= 16 (GridSample)")
+    return args
+
+
+def check_images(args: argparse.Namespace, predictor, height: int, width: int) -> list[torch.Tensor]:
+    from torchvision.transforms.v2 import functional as F
+
+    from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.inference import collect_images
+
+    if not args.check_images:
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randn(3, height, width, generator=generator) for _ in range(3)]
+    tensors = []
+    for path in collect_images(args.check_images)[: args.max_check_images]:
+        image = F.to_dtype(F.to_image(load_rgb_image(path)), torch.float32, scale=True)
+        image = F.resize(image, [height, width], antialias=True)
+        tensors.append(F.normalize(image, IMAGENET_MEAN, IMAGENET_STD))
+    return tensors
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from detr_deform.checkpoint import CheckpointError
+    from detr_deform.data.validation import DatasetError
+    from detr_deform.export import compare_with_onnxruntime, export_onnx
+    from detr_deform.inference import Predictor
+
+    try:
+        predictor = Predictor(args.checkpoint, device="cpu")
+        height = args.height or predictor.val_size
+        width = args.width or min(predictor.max_size, round(height * 4 / 3))
+        output = args.output or Path(args.checkpoint).with_suffix(".onnx")
+        export_onnx(predictor.model, output, height, width, args.opset)
+        print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB), input images (1, 3, {height}, {width})")
+        if args.no_check:
+            return 0
+        images = check_images(args, predictor, height, width)
+        worst = compare_with_onnxruntime(predictor.model, output, images)
+    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = {"onnx": str(output), "height": height, "width": width, "images_checked": len(images),
+              "max_abs_diff": worst, "tolerance": args.tolerance, "ok": max(worst.values()) <= args.tolerance}
+    output.with_suffix(".check.json").write_text(json.dumps(report, indent=2))
+    print(f"onnxruntime vs PyTorch on {len(images)} image(s): max |diff| pred_logits {worst['pred_logits']:.2e}, "
+          f"pred_boxes {worst['pred_boxes']:.2e} ({'OK' if report['ok'] else 'ABOVE'} tolerance {args.tolerance:g})")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

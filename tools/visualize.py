@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""See what the model and the data pipeline do.
+
+Deformable attention (the paper's Figure 6): for the top-scoring detections of
+each image, the last decoder layer's sampling points (all heads and levels
+merged), coloured and sized by attention weight, with the predicted box and the
+reference point (white cross); with --pixel, the last encoder layer's sampling
+points for the feature position under that pixel.
+
+    python tools/visualize.py attention runs/demo/<time>/checkpoint_best.pth img.jpg --queries 3
+    python tools/visualize.py attention ckpt.pth photos/ --pixel 320,240 --output-dir out/attention
+
+Dataset browser: ground-truth boxes after the training (or validation)
+augmentations, to check a data pipeline.
+
+    python tools/visualize.py dataset --demo --num 8
+    python tools/visualize.py dataset --coco-path /data/coco --split train --num 16 --seed 3
+    python tools/visualize.py dataset --images imgs/ --annotations train.json --run-config runs/x/config.yaml
+
+PNG files are written to --output-dir (default outputs/visualize).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from detr_deform.checkpoint import CheckpointError
+from detr_deform.data.validation import DatasetError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    attention = sub.add_parser("attention", help="deformable attention sampling points of a checkpoint")
+    attention.add_argument("checkpoint")
+    attention.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    attention.add_argument("--queries", type=int, default=3, help="top-scoring detections drawn per image")
+    attention.add_argument("--threshold", type=float, default=0.0, help="minimum score of a drawn detection")
+    attention.add_argument("--pixel", action="append", default=[],
+                           help="x,y in image pixels: draw the encoder's sampling points there (repeatable)")
+    attention.add_argument("--device", default="auto")
+    attention.add_argument("--output-dir", type=Path, default=Path("outputs/visualize"))
+    dataset = sub.add_parser("dataset", help="ground truth after the data augmentations")
+    dataset.add_argument("--demo", action="store_true", help="the built-in demo dataset")
+    dataset.add_argument("--coco-path", type=Path, help="COCO layout root")
+    dataset.add_argument("--images", type=Path)
+    dataset.add_argument("--annotations", type=Path)
+    dataset.add_argument("--split", choices=("train", "val"), default="train")
+    dataset.add_argument("--run-config", type=Path, help="a run's config.yaml: use its data settings")
+    dataset.add_argument("--num", type=int, default=8, help="number of samples drawn")
+    dataset.add_argument("--seed", type=int, default=0, help="augmentation seed (epoch)")
+    dataset.add_argument("--output-dir", type=Path, default=Path("outputs/visualize"))
+    args = parser.parse_args(argv)
+    if args.command == "attention":
+        try:
+            args.pixel = [tuple(float(v) for v in p.split(",")) for p in args.pixel]
+        except ValueError:
+            parser.error(f"--pixel takes x,y (e.g. 320,240), got {args.pixel}")
+        if any(len(p) != 2 for p in args.pixel):
+            parser.error("--pixel takes x,y (e.g. 320,240)")
+    elif sum(x is not None and x is not False for x in (args.demo or None, args.coco_path, args.images)) != 1 \
+            or (args.images is None) != (args.annotations is None):
+        parser.error("pass exactly one of --demo, --coco-path, or --images with --annotations")
+    return args
+
+
+def attention_maps(args: argparse.Namespace) -> list[Path]:
+    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.inference import Predictor, collect_images, decoder_sampling, encoder_sampling
+    from detr_deform.visualization import draw_sampling_points
+
+    predictor = Predictor(args.checkpoint, args.device)
+    written = []
+    for path in collect_images(args.inputs):
+        image = load_rgb_image(path)
+        prediction = predictor.predict([image], keep_sampling=True)[0]
+        drawn_queries: list[int] = []
+        for rank, (query, score, label, box) in enumerate(zip(prediction.queries.tolist(), prediction.scores,
+                                                              prediction.labels, prediction.boxes)):
+            if len(drawn_queries) == args.queries or score < args.threshold:
+                break
+            if query in drawn_queries:  # one query can give several labels; draw it once
+                continue
+            drawn_queries.append(query)
+            sampling = decoder_sampling(predictor, prediction, query)
+            canvas = draw_sampling_points(image, sampling.points, sampling.weights, box=box.tolist(),
+                                          reference=sampling.reference)
+            out = args.output_dir / f"{path.stem}_det{rank}_{predictor.name(label)}_{float(score):.2f}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            canvas.save(out)
+            written.append(out)
+        for x, y in args.pixel:
+            sampling = encoder_sampling(predictor, prediction, x, y)
+            canvas = draw_sampling_points(image, sampling.points, sampling.weights, reference=(x, y))
+            out = args.output_dir / f"{path.stem}_pixel_{int(x)}_{int(y)}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            canvas.save(out)
+            written.append(out)
+    for layer in predictor.attention_layers():
+        layer.keep_sampling = False
+    return written
+
+
+def _data_settings(args: argparse.Namespace) -> dict:
+    from detr_deform.config import DataConfig
+
+    if args.run_config is not None:
+        from omegaconf import OmegaConf
+
+        if not args.run_config.is_file():
+            raise DatasetError(f"--run-config: file not found: {args.run_config}")
+        return dict(OmegaConf.to_container(OmegaConf.load(args.run_config)).get("data", {}))
+    if args.demo:
+        from omegaconf import OmegaConf
+
+        demo = Path(__file__).resolve().parent.parent / "configs" / "data" / "demo.yaml"
+        return dict(OmegaConf.to_container(OmegaConf.load(demo)))
+    return {k: getattr(DataConfig(), k) for k in ("train_scales", "max_size", "val_size", "crop_resize_sizes",
+                                                   "crop_min", "crop_max")}
+
+
+def dataset_samples(args: argparse.Namespace) -> list[Path]:
+    from detr_deform.data.coco import CocoDetection
+    from detr_deform.data.demo import ensure_demo_dataset
+    from detr_deform.data.transforms import build_transforms
+    from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
+    from detr_deform.visualization import denormalize, draw_boxes, save_image
+
+    data = _data_settings(args)
+    if args.demo:
+        root = ensure_demo_dataset(data.get("root"))
+        images, annotations = root / f"{args.split}2017", root / "annotations" / f"instances_{args.split}2017.json"
+    elif args.coco_path is not None:
+        images = args.coco_path / f"{args.split}2017"
+        annotations = args.coco_path / "annotations" / f"instances_{args.split}2017.json"
+    else:
+        images, annotations = args.images, args.annotations
+    transforms = build_transforms(args.split, scales=data["train_scales"], max_size=data["max_size"],
+                                  val_size=data["val_size"], crop_resize_sizes=data["crop_resize_sizes"],
+                                  crop_min=data["crop_min"], crop_max=data["crop_max"])
+    dataset = CocoDetection(images, annotations, transforms, seed=args.seed)
+    written = []
+    for index in range(min(args.num, len(dataset))):
+        image, target = dataset[index]
+        height, width = image.shape[-2:]
+        boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([width, height, width, height])
+        labels = target["labels"].tolist()
+        captions = [dataset.category_names.get(l, str(l)) for l in labels]
+        drawn = draw_boxes(denormalize(image), boxes, captions, labels)
+        written.append(save_image(drawn, args.output_dir / f"{args.split}_{int(target['image_id'])}.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        written = attention_maps(args) if args.command == "attention" else dataset_samples(args)
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} PNG file(s) to {args.output_dir}")
+    print(json.dumps([str(p) for p in written]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,9 @@
 """Checkpoint files: safe loading, official model-zoo files, fine-tuning init.
 
 Every file is read with ``torch.load(weights_only=True)``; the only non-tensor
-class allowed is ``argparse.Namespace`` (the ``args`` of official files). A
+classes allowed are ``argparse.Namespace`` (the ``args`` of official Deformable
+DETR files) and ``yacs.config.CfgNode`` (the ``config`` of official DAT files),
+which is read as an OrderedDict without importing yacs. A
 file that pickles anything else is refused and no code from it runs.
 
 Formats:
@@ -11,6 +13,7 @@ Formats:
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import pickle
 import tempfile
@@ -27,7 +30,11 @@ from detr_deform.models.config import ModelConfig
 
 FORMAT = "detr_deform"
 VERSION = 1
-SAFE_GLOBALS = [argparse.Namespace]
+
+# yacs.config.CfgNode (the ``config`` of official DAT files) is read as an
+# OrderedDict: the weights-only unpickler can fill it and its attributes, and no
+# yacs code runs (nor needs to be installed).
+SAFE_GLOBALS = [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +52,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{file}: refused to load: it contains pickled Python objects outside the allow-list "
-            f"(tensors, containers, argparse.Namespace). Checkpoints are read with weights_only=True so that a "
+            f"(tensors, containers, argparse.Namespace, yacs CfgNode). Checkpoints are read with weights_only=True so that a "
             f"file cannot run code. If you trust the file, re-save only its state dict. Details: "
             f"{str(error).splitlines()[0]}"
         ) from error

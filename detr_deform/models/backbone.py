@@ -58,7 +58,7 @@ class ResNetBackbone(nn.Module):
                  pretrained: str | None = None) -> None:
         super().__init__()
         if name not in RESNETS:
-            raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+            raise ValueError(f"backbone must be one of {RESNETS} or dat_tiny/dat_small/dat_base, got {name!r}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
         weights = "DEFAULT" if pretrained == "torchvision" else None

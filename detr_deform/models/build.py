@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from detr_deform.models.backbone import Joiner, ResNetBackbone
 from detr_deform.models.config import ModelConfig
+from detr_deform.models.dat import DAT_PRESETS, DATBackbone
 from detr_deform.models.criterion import SetCriterion, build_weight_dict
 from detr_deform.models.deformable_detr import DeformableDETR
 from detr_deform.models.deformable_transformer import DeformableTransformer
@@ -30,6 +31,12 @@ def _model_config(cfg) -> ModelConfig:
 
 
 def build_backbone(cfg: ModelConfig) -> Joiner:
+    position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale)
+    if cfg.backbone in DAT_PRESETS:
+        out_indices = cfg.backbone_out_indices or ([1, 2, 3] if cfg.num_feature_levels > 1 else [3])
+        body = DATBackbone(cfg.backbone, out_indices, cfg.backbone_drop_path_rate, cfg.backbone_grad_checkpointing,
+                           cfg.pretrained_backbone, cfg.train_backbone, cfg.dat_kwargs)
+        return Joiner(body, position)
     body = ResNetBackbone(
         name=cfg.backbone,
         train_backbone=cfg.train_backbone,
@@ -39,7 +46,6 @@ def build_backbone(cfg: ModelConfig) -> Joiner:
         freeze_stem_and_layer1=cfg.freeze_stem_and_layer1,
         pretrained=cfg.pretrained_backbone,
     )
-    position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale)
     return Joiner(body, position)
 
 

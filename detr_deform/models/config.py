@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -21,6 +21,11 @@ class ModelConfig:
     train_backbone: bool = True               # official: lr_backbone > 0
     freeze_stem_and_layer1: bool = True
     pretrained_backbone: str | None = None    # local .pth, "torchvision" (online), or None
+    # DAT backbones (backbone=dat_tiny|dat_small|dat_base)
+    backbone_out_indices: list[int] | None = None    # DAT stages fed to the transformer; None: 1,2,3 (or 3)
+    backbone_drop_path_rate: float | None = None     # None: the preset's (0.2 / 0.3 / 0.5)
+    backbone_grad_checkpointing: bool = False        # recompute DAT blocks in backward (memory)
+    dat_kwargs: dict[str, Any] = field(default_factory=dict)  # DAT constructor overrides (official key names)
     # Transformer
     enc_layers: int = 6
     dec_layers: int = 6
@@ -66,6 +71,8 @@ class ModelConfig:
             raise ValueError(f"model.num_feature_levels must be >= 1, got {self.num_feature_levels}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if self.backbone.startswith("dat") and self.dilation:
+            raise ValueError("model.dilation (DC5) applies to ResNet backbones only, not to DAT")
         if self.attn_impl not in ("auto", "cpp", "pytorch"):
             raise ValueError(f"model.attn_impl must be auto, cpp or pytorch, got {self.attn_impl!r}")
         return self

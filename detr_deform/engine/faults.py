@@ -70,12 +70,15 @@ class GracefulStop:
         return 128 + signal.SIGTERM
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT (SLURM and Ctrl-C
-    signal the whole process group) so that only the main process reacts, saves
-    and shuts the workers down."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def quiet_worker_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn. Ctrl-C signals the whole process group: workers
+    ignore SIGINT and let the main process stop and shut them down. SLURM sends
+    SIGTERM to every process of the job: a worker then exits with status 0 (not
+    "killed by a signal", which would make the main process fail before it can
+    write its checkpoint). The DataLoader's own shutdown still works: it ends
+    workers through its queues, and with SIGTERM as a last resort."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def is_nonfinite(total: float, grad_norm: torch.Tensor, fp16_scaler_in_use: bool) -> bool:

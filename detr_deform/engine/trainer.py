@@ -109,7 +109,7 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, dist_in
     generator = torch.Generator()
     train_loader = DataLoader(train, batch_sampler=ResumableBatchSampler(batch_sampler), collate_fn=collate_fn,
                               num_workers=cfg.data.num_workers, generator=generator,
-                              worker_init_fn=faults.ignore_stop_signals,
+                              worker_init_fn=faults.quiet_worker_signals,
                               pin_memory=dist_info.device.type == "cuda")
     val_subset = val
     if cfg.runtime.max_eval_images is not None:
@@ -118,7 +118,7 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, dist_in
                                      shuffle=False)
     val_loader = DataLoader(val_subset, batch_size=cfg.optim.batch_size, sampler=val_sampler,
                             collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                            worker_init_fn=faults.ignore_stop_signals)
+                            worker_init_fn=faults.quiet_worker_signals)
     return train_loader, train_sampler, val_loader
 
 

@@ -147,11 +147,14 @@ def run_phase(args: argparse.Namespace) -> dict:
         from torch.utils.flop_counter import FlopCounterMode
 
         counted = register_operator_flops()
+        parameters = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.eval()
+        # The FLOP counter's module tracker trips over parameters that require grad inside no_grad.
+        model.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(_images(1, args.height, args.width, device))
-        return {"parameters": sum(p.numel() for p in model.parameters()),
-                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        return {"parameters": parameters, "trainable_parameters": trainable,
                 "gflops": counter.get_total_flops() / 1e9, "attention_flops_counted": counted,
                 "baseline_rss_mib": baseline}
     if kind == "infer":

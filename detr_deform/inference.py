@@ -92,15 +92,11 @@ class Predictor:
         inputs = [self.preprocess(image).to(self.device) for image in images]
         outputs = self.model(inputs)
         sizes = torch.tensor([[image.height, image.width] for image in images], device=self.device)
-        logits = outputs["pred_logits"]
-        results = self.postprocessor({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, sizes)
-        # PostProcess takes the top-k (query, class) pairs in this same order; recover the queries.
-        flat = logits.sigmoid().flatten(1)
-        top = torch.topk(flat, min(self.postprocessor.num_select, flat.shape[1]), dim=1).indices
-        queries = torch.div(top, logits.shape[-1], rounding_mode="floor")
+        results = self.postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, sizes)
         return [Prediction(boxes=r["boxes"].cpu(), scores=r["scores"].cpu(), labels=r["labels"].cpu(),
-                           queries=q.cpu(), input_size=tuple(x.shape[-2:]), original_size=(im.height, im.width))
-                for r, q, x, im in zip(results, queries, inputs, images)]
+                           queries=r["queries"].cpu(), input_size=tuple(x.shape[-2:]),
+                           original_size=(im.height, im.width))
+                for r, x, im in zip(results, inputs, images)]
 
     def attention_layers(self) -> list[MSDeformAttn]:
         return [m for m in self.model.modules() if isinstance(m, MSDeformAttn)]

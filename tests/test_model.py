@@ -242,3 +242,21 @@ def test_model_predictions_nearly_padding_invariant():
     # The sine position embedding and valid ratios depend on the mask: the image's
     # boxes are in its own normalised coordinates, not the padded batch's.
     assert (batched["pred_boxes"][0, :, :2] <= 1).all()
+
+
+def test_postprocess_queries_and_optional_nms():
+    from detr_deform.models.postprocess import PostProcess
+
+    logits = torch.full((1, 4, 3), -6.0)
+    logits[0, 0, 1], logits[0, 1, 1], logits[0, 2, 2], logits[0, 3, 1] = 3.0, 2.0, 1.0, 0.5
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2],    # query 1 duplicates query 0
+                           [0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])   # query 2: same box, other class
+    outputs, size = {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]])
+    plain = PostProcess(num_select=5)(outputs, size)[0]
+    assert plain["queries"][:4].tolist() == [0, 1, 2, 3] and plain["labels"][:4].tolist() == [1, 1, 2, 1]
+    nms = PostProcess(num_select=5, nms_iou=0.7)(outputs, size)[0]
+    kept = list(zip(nms["queries"].tolist(), nms["labels"].tolist()))
+    assert kept[:3] == [(0, 1), (2, 2), (3, 1)] and (1, 1) not in kept   # the duplicate is gone
+    assert torch.all(nms["scores"][:-1] >= nms["scores"][1:])
+    with pytest.raises(ValueError, match="nms_iou"):
+        ModelConfig(num_classes=3, nms_iou=1.5).validate()

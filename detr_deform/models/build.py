@@ -86,4 +86,5 @@ def build_criterion(cfg) -> SetCriterion:
 
 def build_postprocessor(cfg) -> PostProcess:
     """callable(outputs, target_sizes (B, 2) as (h, w)) -> [{'scores', 'labels', 'boxes'}]."""
-    return PostProcess(num_select=_model_config(cfg).num_select)
+    cfg = _model_config(cfg)
+    return PostProcess(num_select=cfg.num_select, nms_iou=cfg.nms_iou)

@@ -56,6 +56,8 @@ class ModelConfig:
     focal_alpha: float = 0.25
     # Post-processing: detections kept per image (official eval: 100).
     num_select: int = 100
+    # Class-wise NMS at this IoU after the top-k (ours; official: none). For briefly trained models.
+    nms_iou: float | None = None
 
     def validate(self) -> "ModelConfig":
         if self.two_stage and not self.with_box_refine:
@@ -71,6 +73,8 @@ class ModelConfig:
             raise ValueError(f"model.num_feature_levels must be >= 1, got {self.num_feature_levels}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"model.nms_iou must be in (0, 1] or null, got {self.nms_iou}")
         if self.backbone.startswith("dat") and self.dilation:
             raise ValueError("model.dilation (DC5) applies to ResNet backbones only, not to DAT")
         if self.attn_impl not in ("auto", "cpp", "pytorch"):

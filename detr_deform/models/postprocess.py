@@ -9,11 +9,19 @@ from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
 
 class PostProcess(nn.Module):
     """Sigmoid scores, top-k over all (query, class) pairs — one query may yield
-    several labels — and boxes as absolute (x0, y0, x1, y1)."""
+    several labels — and boxes as absolute (x0, y0, x1, y1). Each result also
+    has ``queries``, the decoder query of every detection.
 
-    def __init__(self, num_select: int = 100) -> None:
+    ``nms_iou`` (not in the official model, off by default): class-wise NMS on
+    the top-k at this IoU. Briefly trained DETRs with few decoder layers still
+    emit duplicates, which NMS removes (DETR paper, section 4.2); a well-trained
+    model does not need it.
+    """
+
+    def __init__(self, num_select: int = 100, nms_iou: float | None = None) -> None:
         super().__init__()
         self.num_select = num_select
+        self.nms_iou = nms_iou
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -35,4 +43,12 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        results = [{"scores": s, "labels": l, "boxes": b, "queries": q}
+                   for s, l, b, q in zip(scores, labels, boxes, topk_boxes)]
+        if self.nms_iou is not None:
+            from torchvision.ops import batched_nms
+
+            # batched_nms returns the kept indices by decreasing score, like the top-k order.
+            results = [{k: v[batched_nms(r["boxes"].float(), r["scores"].float(), r["labels"], self.nms_iou)]
+                        for k, v in r.items()} for r in results]
+        return results

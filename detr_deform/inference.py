@@ -14,7 +14,6 @@ from torchvision.transforms.v2 import functional as F
 from detr_deform.checkpoint import CheckpointError, model_from_content, read_checkpoint
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
-from detr_deform.data.validation import load_rgb_image
 from detr_deform.engine.distributed import resolve_device
 from detr_deform.layers.ms_deform_attn import MSDeformAttn
 from detr_deform.models.build import build_postprocessor
@@ -101,8 +100,6 @@ class Predictor:
     def attention_layers(self) -> list[MSDeformAttn]:
         return [m for m in self.model.modules() if isinstance(m, MSDeformAttn)]
 
-    def load_images(self, paths: list[Path]) -> list[Image.Image]:
-        return [load_rgb_image(path) for path in paths]
 
 
 @dataclass

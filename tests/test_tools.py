@@ -149,3 +149,13 @@ def test_benchmark_reports_every_measurement(tmp_path):
     assert all(e["latency_ms"] > 0 and e["peak_memory_mib"] > 0 for e in results["inference"])
     assert results["train"]["step_s"] > 0 and results["train"]["batch"] == 2
     assert "| demo | cpu | 64x96 |" in done.stdout
+
+
+def test_operator_benchmark_compares_both_implementations():
+    done = tool("benchmark_ms_deform_attn", "--scales", "decoder", "--repeat", "1", "--markdown")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| decoder")]
+    assert sorted(cells[2].strip() for cells in rows) == ["cpp", "pytorch"]
+    for cells in rows:
+        assert cells[1].strip() == "300"
+        assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[6].strip().endswith("x")

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -103,24 +101,6 @@ def _targets(batch: int, num_classes: int, device) -> list[dict]:
     return targets
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -132,6 +112,7 @@ def run_phase(args: argparse.Namespace) -> dict:
     from detr_deform.engine.optim import build_optimizer
     from detr_deform.engine.steps import train_step
     from detr_deform.models.build import build_criterion, build_model
+    from detr_deform.utils.timing import median_seconds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +146,7 @@ def run_phase(args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 model(images)
 
-        seconds = _timed(step, device, args.warmup, args.repeat)
+        seconds = median_seconds(step, device, args.repeat, args.warmup)
         return {"batch": batch, "latency_ms": seconds * 1000, "images_per_s": batch / seconds,
                 "peak_memory_mib": _peak_memory_mib(device)}
     criterion = build_criterion(cfg.model).to(device)
@@ -173,8 +154,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     images = _images(batch, args.height, args.width, device)
     targets = _targets(batch, cfg.model.num_classes, device)
     model.train()
-    seconds = _timed(lambda: train_step(model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm,
-                                        cfg.runtime.amp), device, args.warmup, args.repeat)
+    seconds = median_seconds(lambda: train_step(model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm,
+                                                cfg.runtime.amp), device, args.repeat, args.warmup)
     return {"batch": batch, "step_s": seconds, "peak_memory_mib": _peak_memory_mib(device)}
 
 

@@ -9,6 +9,7 @@ maximum resident set size (CPU) or torch.cuda.max_memory_allocated (GPU).
     python tools/benchmark_ms_deform_attn.py                 # CPU, both scales
     python tools/benchmark_ms_deform_attn.py --device cuda --dtype float16
     python tools/benchmark_ms_deform_attn.py --markdown      # table for docs/benchmarks.md
+    python tools/benchmark_ms_deform_attn.py --scales decoder --repeat 1   # quick check
 """
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ import argparse
 import json
 import math
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -67,13 +66,9 @@ def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=
     return (value.to(**to), shapes.to(device), starts.to(device), locations.to(**to), weights.to(**to)), num_query
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int, locations: str) -> dict:
     from detr_deform.ops import load_compiled_op, ms_deform_attn
+    from detr_deform.utils.timing import median_seconds, synchronize
 
     if impl == "cpp":
         load_compiled_op()
@@ -96,21 +91,13 @@ def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int, locati
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     forward_backward()  # warm-up, and the peak-memory measurement
-    sync(device)
+    synchronize(device)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    timings = {}
-    for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
-        samples = []
-        for _ in range(repeat):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            samples.append(time.perf_counter() - start)
-        timings[name] = statistics.median(samples)
+    timings = {name: median_seconds(fn, device, repeat)
+               for name, fn in (("forward", forward), ("forward_backward", forward_backward))}
     return {"impl": impl, "scale": scale, "num_query": num_query, "peak_bytes": peak, **timings}
 
 
@@ -122,6 +109,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--locations", default="realistic", choices=["realistic", "uniform"],
                         help="realistic: around each query's reference point (default); uniform: anywhere")
+    parser.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES),
+                        help="encoder: Lq = S (every pixel of every level); decoder: 300 queries")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +123,7 @@ def main() -> int:
         return 0
 
     rows = []
-    for scale in SCALES:
+    for scale in args.scales:
         for impl in ("cpp", "pytorch"):
             cmd = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--repeat",
                    str(args.repeat), "--locations", args.locations, "--_case", impl, scale]

@@ -23,11 +23,12 @@ def tiny_demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_demo_root, tmp_path_factory):
-    """A tiny model trained for 2 x 3 steps on the tiny demo data by tools/train.py:
-    (run directory, completed process)."""
+    """A tiny model trained for 2 x 3 steps of batch 3 on the tiny demo data by tools/train.py:
+    (run directory, completed process). Batch 3, not eval.py's fallback of 2, so that
+    test_eval_reproduces_training_ap checks that eval.py batches images as training's evaluation did."""
     from pipeline_helpers import tiny_train_args, train
 
     out = tmp_path_factory.mktemp("run")
-    done = train(*tiny_train_args(tiny_demo_root, out))
+    done = train(*tiny_train_args(tiny_demo_root, out, batch_size=3))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done

@@ -13,11 +13,12 @@ TINY_MODEL = [
 ]
 
 
-def tiny_train_args(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
+def tiny_train_args(data_root: Path, output_dir: Path, *extra: str, batch_size: int = 2) -> list[str]:
     return [
         "experiment=demo", f"data.root={data_root}", f"runtime.output_dir={output_dir}", "data.num_workers=0",
         "data.train_scales=[96]", "data.val_size=96", "data.max_size=128", "data.crop_resize_sizes=[96]",
-        "data.crop_min=64", "data.crop_max=96", "optim.batch_size=2", "optim.epochs=2", "optim.lr_drop=10",
+        "data.crop_min=64", "data.crop_max=96", f"optim.batch_size={batch_size}", "optim.epochs=2",
+        "optim.lr_drop=10",
         "runtime.max_steps_per_epoch=3", "runtime.eval_every=1", "runtime.log_every=1", "runtime.vis_images=1",
         *TINY_MODEL, *extra,
     ]

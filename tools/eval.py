@@ -38,13 +38,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--annotations", help="instances JSON of a COCO-format set")
     parser.add_argument("--val-size", type=int, help="shorter side (default: the checkpoint's, else 800)")
     parser.add_argument("--max-size", type=int, help="longer-side limit (default: the checkpoint's, else 1333)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int,
+                        help="images per forward pass (default: the batch size the run was trained and evaluated "
+                             "with, from our checkpoint's config; 2, the official value, for other files)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--topk", type=int, help="detections per image (default 100)")
     parser.add_argument("--output", help="metrics JSON path")
     parser.add_argument("--dump-detections", help="write detections in COCO results format here")
     return parser.parse_args(argv)
+
+
+def saved_batch_size(saved: dict) -> int:
+    """The batch size of the run's own evaluation: padding to the largest image of a batch changes the
+    predictions slightly, so the same batches are needed to reproduce the AP that training reported."""
+    optim = saved.get("optim", {}) if isinstance(saved, dict) else {}
+    batch_size = optim.get("batch_size") if isinstance(optim, dict) else None
+    return batch_size if isinstance(batch_size, int) and batch_size > 0 else 2
 
 
 def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
@@ -80,8 +90,9 @@ def main(argv=None) -> int:
         if dataset.num_classes > cfg.num_classes:
             raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
                                f"predicts {cfg.num_classes} classes")
+        batch_size = args.batch_size or saved_batch_size(saved_config)
         sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                             num_workers=args.num_workers)
         progress = None
         if dist_info.is_main and sys.stderr.isatty():

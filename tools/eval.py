@@ -46,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, help="detections per image (default 100)")
     parser.add_argument("--output", help="metrics JSON path")
     parser.add_argument("--dump-detections", help="write detections in COCO results format here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
 
 
 def saved_batch_size(saved: dict) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detr_deform.checkpoint import CheckpointError, load_model, read_checkpoint
+from detr_deform.checkpoint import CheckpointError, model_from_content, read_checkpoint
 from detr_deform.data.coco import CocoDetection, DatasetError, collate_fn
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.data.transforms import build_transforms
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     try:
         content = read_checkpoint(args.checkpoint)
         saved_config = content.get("config", {}) if isinstance(content, dict) else {}
-        model, cfg = load_model(args.checkpoint, device=dist_info.device)
+        model, cfg = model_from_content(content, args.checkpoint, device=dist_info.device)
         if args.topk:
             cfg.num_select = args.topk
         images, annotations, val_size, max_size = resolve_data(args, saved_config)

@@ -7,7 +7,8 @@ Public API::
     postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
     outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
 """
-from detr_deform.checkpoint import CheckpointError, init_from, load_model, read_checkpoint, save_checkpoint
+from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.loading import init_from, load_model, save_checkpoint
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
 

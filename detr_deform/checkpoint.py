@@ -1,4 +1,5 @@
-"""Checkpoint files: safe loading, official model-zoo files, fine-tuning init.
+"""Checkpoint files: safe reading, atomic writing. Knows nothing about models
+(:mod:`detr_deform.loading` builds models from what is read here).
 
 Every file is read with ``torch.load(weights_only=True)``; the only non-tensor
 classes allowed are ``argparse.Namespace`` (the ``args`` of official Deformable
@@ -17,16 +18,11 @@ import collections
 import os
 import pickle
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from detr_deform.models.build import build_model
-from detr_deform.models.config import ModelConfig
 
 FORMAT = "detr_deform"
 VERSION = 1
@@ -62,7 +58,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from error
 
 
-def _state_dict_of(content: Any, path: Path) -> dict[str, torch.Tensor]:
+def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint's content: ``content["model"]``, or the
+    content itself when it is a bare state dict."""
     if isinstance(content, dict) and isinstance(content.get("model"), dict):
         return content["model"]
     if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -70,97 +68,11 @@ def _state_dict_of(content: Any, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no model weights found (expected a dict with a 'model' state dict)")
 
 
-def config_of(content: Any, path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig stored in (or implied by) a checkpoint's content."""
-    path = Path(path)
-    if isinstance(content, dict) and content.get("format") == FORMAT:
-        config = content.get("config", {})
-        return ModelConfig.from_dict(dict(config.get("model", config)))
-    if isinstance(content, dict) and isinstance(content.get("args"), (argparse.Namespace, dict)):
-        state = _state_dict_of(content, path)
-        num_classes = state["class_embed.0.bias"].shape[0] if "class_embed.0.bias" in state else None
-        try:
-            return ModelConfig.from_official_args(content["args"], num_classes=num_classes)
-        except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from error
-    raise CheckpointError(
-        f"{path}: no model configuration in this file (neither a detr_deform checkpoint nor an official one with "
-        f"'args'); pass the configuration explicitly: load_model(path, cfg=ModelConfig(...))"
-    )
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Builds the model a checkpoint describes and loads its weights strictly.
-
-    Works for our checkpoints and for official model-zoo files. Returns the
-    model in eval mode on ``device`` and its ModelConfig.
-    """
-    path = Path(path)
-    return model_from_content(read_checkpoint(path), path, device, cfg)
-
-
-def model_from_content(content: Any, path: str | os.PathLike, device: str | torch.device = "cpu",
-                       cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
-    """``load_model`` for a checkpoint already read with ``read_checkpoint``."""
-    path = Path(path)
-    if cfg is None:
-        cfg = config_of(content, path)
-    elif isinstance(cfg, dict):
-        cfg = ModelConfig.from_dict(cfg)
-    # Never fetch backbone weights: the checkpoint carries them.
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "pretrained_backbone": None})
-    model = build_model(cfg)
-    state = _state_dict_of(content, path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: weights do not match the model described by its configuration "
-            f"(with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}, "
-            f"num_feature_levels={cfg.num_feature_levels}, backbone={cfg.backbone}): "
-            f"{len(result.missing_keys)} missing key(s) {result.missing_keys[:4]}, "
-            f"{len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:4]}"
-        )
-    return model.to(device).eval(), cfg
-
-
-def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Fine-tuning initialisation: copies every weight whose name and shape fit,
-    and reports the rest (e.g. a class head of another size) instead of failing.
-
-    Returns {"loaded", "shape_mismatch", "missing", "unexpected"} key lists.
-    """
-    path = Path(path)
-    state = _state_dict_of(read_checkpoint(path), path)
-    own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    report = {
-        "loaded": sorted(fitting),
-        "shape_mismatch": sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                                 for k, v in state.items() if k in own and own[k].shape != v.shape),
-        "missing": sorted(k for k in own if k not in state),
-        "unexpected": sorted(k for k in state if k not in own),
-    }
-    model.load_state_dict(fitting, strict=False)
-    if report["shape_mismatch"] or report["missing"]:
-        warnings.warn(
-            f"init_from {path}: loaded {len(report['loaded'])} tensors; kept the model's own values for "
-            f"{len(report['shape_mismatch'])} of another shape (e.g. {report['shape_mismatch'][:2]}) and "
-            f"{len(report['missing'])} missing from the file",
-            stacklevel=2,
-        )
-    return report
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ModelConfig | dict, **extra: Any) -> Path:
-    """Writes our format atomically: a temporary file in the same folder, fsync,
+def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
+    """Writes ``content`` atomically: a temporary file in the same folder, fsync,
     then rename, so an interrupted save never replaces a good checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = cfg.to_dict() if isinstance(cfg, ModelConfig) else dict(cfg)
-    if "model" not in config:
-        config = {"model": config}
-    content = {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "config": config, **extra}
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:

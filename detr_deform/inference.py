@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from detr_deform.checkpoint import CheckpointError, model_from_content, read_checkpoint
+from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.loading import model_from_content
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
 from detr_deform.engine.distributed import resolve_device

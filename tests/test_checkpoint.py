@@ -124,3 +124,18 @@ def test_init_from_reports_class_head_mismatch(tmp_path):
 def test_public_api_surface():
     for name in ("load_model", "build_criterion", "build_postprocessor", "build_model", "ModelConfig"):
         assert hasattr(detr_deform, name)
+
+
+def test_resnet_backbone_weights_are_read_safely_with_clear_errors(tmp_path):
+    import torchvision
+
+    from detr_deform.models.backbone import ResNetBackbone
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    backbone = ResNetBackbone("resnet18", pretrained=str(path), norm="frozen_bn")
+    assert torch.equal(backbone.body.conv1.weight, torch.load(path, weights_only=True)["conv1.weight"])
+    with pytest.raises(CheckpointError, match="model.pretrained_backbone: backbone weights file not found"):
+        ResNetBackbone("resnet18", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(CheckpointError, match=r"does not fit the ResNet .*another ResNet depth"):
+        ResNetBackbone("resnet34", pretrained=str(path))

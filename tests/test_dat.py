@@ -365,7 +365,7 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
     torch.save({"model": state}, path)
     with pytest.warns(UserWarning, match=r"1 missing keys \['stages.3.attns.1.rpe_table'\].*1 unexpected"):
         DATBackbone("dat_tiny", pretrained=str(path), dat_kwargs=small)
-    with pytest.raises(FileNotFoundError, match="model.pretrained_backbone"):
+    with pytest.raises(CheckpointError, match="model.pretrained_backbone: backbone weights file not found"):
         DATBackbone("dat_tiny", pretrained=str(tmp_path / "missing.pth"), dat_kwargs=small)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline_helpers import PYTHON, ROOT, tiny_train_args, train
-from detr_deform.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from detr_deform import CheckpointError, read_checkpoint, save_checkpoint
 from detr_deform.engine.faults import remove_stale_temporaries
 
 FAULTS = str(ROOT / "tests" / "scripts" / "train_with_faults.py")
@@ -113,7 +113,7 @@ def test_new_run_refuses_to_overwrite_an_existing_run(tiny_demo_root, tmp_path):
 KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-from detr_deform.checkpoint import save_checkpoint
+from detr_deform import save_checkpoint
 from detr_deform.models.config import ModelConfig
 model = torch.nn.Linear(4, 4)
 real_save = torch.save

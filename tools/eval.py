@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detr_deform.checkpoint import CheckpointError, model_from_content, read_checkpoint
+from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.loading import model_from_content
 from detr_deform.data.coco import CocoDetection, DatasetError, collate_fn
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.data.transforms import build_transforms

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from detr_deform.checkpoint import read_checkpoint, save_checkpoint
+from detr_deform.checkpoint import read_checkpoint
+from detr_deform.loading import init_from, save_checkpoint
 from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import CocoDetection, collate_fn, raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.demo import ensure_demo_dataset
@@ -228,7 +229,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
 
     model = build_model(cfg.model).to(device)
     if cfg.runtime.init_from:
-        from detr_deform.checkpoint import init_from
+
 
         report = init_from(model, cfg.runtime.init_from)
         logger.console(f"init_from {cfg.runtime.init_from}: {len(report['loaded'])} tensors loaded, "

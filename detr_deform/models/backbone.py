@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from detr_deform.utils.nested_tensor import NestedTensor
+from detr_deform.checkpoint import CheckpointError, read_checkpoint, state_dict_of
+from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
@@ -32,11 +32,6 @@ def _norm_layer(norm: str):
 
 def _out_channels(layer: nn.Module) -> int:
     return [m for m in layer.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-
-
-def mask_to_feature(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) bool image mask -> (B, h, w) by nearest interpolation (official)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
 class ResNetBackbone(nn.Module):
@@ -91,21 +86,25 @@ class ResNetBackbone(nn.Module):
 
 
 def load_resnet_weights(resnet: nn.Module, path: str) -> None:
-    """Loads a torchvision-format ResNet state dict (fc weights ignored)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path} (set backbone.pretrained to a local .pth)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    """Loads a torchvision-format ResNet state dict (fc weights ignored), read
+    safely like every checkpoint; CheckpointError naming the file otherwise."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"model.pretrained_backbone: backbone weights file not found: {path} "
+                              f"(set it to a local torchvision-format ResNet .pth)")
+    state = state_dict_of(read_checkpoint(path), path)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = resnet.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(
-            f"backbone weights {path} do not fit the ResNet: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+    own = resnet.state_dict()
+    wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                   for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    # FrozenBatchNorm2d has no num_batches_tracked; torchvision's files do (dropped on load).
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"model.pretrained_backbone={path}: does not fit the {type(resnet).__name__} "
+            f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+            f"{len(wrong_shape)} of another shape {wrong_shape[:2]}); is it the weights of another ResNet depth?")
+    resnet.load_state_dict(state, strict=False)
 
 
 class Joiner(nn.Sequential):

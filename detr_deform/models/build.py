@@ -1,6 +1,8 @@
 """Builders: one config -> model, criterion, post-processor."""
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
+
 from detr_deform.models.backbone import Joiner, ResNetBackbone
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.dat import DAT_PRESETS, DATBackbone
@@ -13,20 +15,18 @@ from detr_deform.models.postprocess import PostProcess
 
 
 def _model_config(cfg) -> ModelConfig:
-    """Accepts a ModelConfig, a dict, or a (Hydra) config with a ``model`` section."""
+    """Accepts a ModelConfig, a dict, or a (Hydra) config with a ``model`` section;
+    returns it validated."""
     if isinstance(cfg, ModelConfig):
         return cfg.validate()
     if hasattr(cfg, "model") and not isinstance(cfg, dict):
         cfg = cfg.model
+        if isinstance(cfg, ModelConfig):
+            return cfg.validate()
     if isinstance(cfg, dict) and "model" in cfg and isinstance(cfg["model"], dict):
         cfg = cfg["model"]
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     return ModelConfig.from_dict(dict(cfg))
 
 

@@ -82,18 +82,22 @@ class ModelConfig:
         return self
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any], validate: bool = True) -> "ModelConfig":
+        """Unknown keys are refused here; values are checked by ``validate`` (now, or
+        when ``build_model`` receives the config)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values).validate()
+        config = cls(**values)
+        return config.validate() if validate else config
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_official_args(cls, args: argparse.Namespace | dict, num_classes: int | None = None) -> "ModelConfig":
+    def from_official_args(cls, args: argparse.Namespace | dict, num_classes: int | None = None,
+                           validate: bool = True) -> "ModelConfig":
         """Maps the official ``args`` of a model-zoo checkpoint onto a ModelConfig."""
         values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
         config = cls()
@@ -109,4 +113,4 @@ class ModelConfig:
             num_classes = {"coco": 91, "coco_panoptic": 250}.get(dataset, 2)  # official build()
         config.num_classes = num_classes
         config.pretrained_backbone = None
-        return config.validate()
+        return config.validate() if validate else config

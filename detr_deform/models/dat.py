@@ -10,6 +10,7 @@ input size (docs/dat.md lists every difference). Not DAT++.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,8 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from detr_deform.checkpoint import CheckpointError, read_checkpoint
 from detr_deform.layers.dat_blocks import DeformableAttention2d, LayerNormProxy, LocalAttention, TransformerMLP
-from detr_deform.utils.nested_tensor import NestedTensor
+from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 
 _COMMON = dict(img_size=224, patch_size=4, expansion=4, window_sizes=[7, 7, 7, 7], use_pes=[False, False, True, True],
                strides=[-1, -1, 1, 1], offset_range_factor=[-1, -1, 2, 2], dwc_pes=[False] * 4,
@@ -182,8 +184,6 @@ def build_dat(preset: str, **overrides: Any) -> DAT:
 def dat_state_dict_of(content: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a DAT checkpoint (official: under 'model'), with a clear
     refusal of DAT++ files, which reuse the same key names for another model."""
-    from detr_deform.checkpoint import CheckpointError
-
     state = content.get("model", content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no DAT state dict found (expected the official dict with a 'model' entry)")
@@ -202,8 +202,6 @@ def load_dat_checkpoint(model: DAT, path: str | Path, strict: bool = True) -> di
     """Loads an official DAT checkpoint. ``strict``: every key, buffers included,
     must match (the classifier too, unless the model has none, in which case
     ``cls_norm``/``cls_head`` are dropped). Returns the missing/unexpected keys."""
-    from detr_deform.checkpoint import CheckpointError, read_checkpoint
-
     state = dict(dat_state_dict_of(read_checkpoint(path), path))
     if not hasattr(model, "cls_head"):
         state = {k: v for k, v in state.items() if not k.startswith(("cls_head.", "cls_norm."))}
@@ -246,13 +244,11 @@ class DATBackbone(nn.Module):
         self.load_report: dict[str, list[str]] | None = None
         if pretrained:
             if not Path(pretrained).is_file():
-                raise FileNotFoundError(f"backbone weights file not found: {pretrained} "
-                                        f"(set model.pretrained_backbone to a local dat_*_in1k_*.pth)")
+                raise CheckpointError(f"model.pretrained_backbone: backbone weights file not found: {pretrained} "
+                                      f"(set it to a local dat_*_in1k_*.pth)")
             self.load_report = load_dat_checkpoint(self.body, pretrained, strict=False)
             report = self.load_report
             if report["missing"] or report["unexpected"] or report["shape_mismatch"]:
-                import warnings
-
                 warnings.warn(f"DAT weights {pretrained}: kept the model's own values for {len(report['missing'])} "
                               f"missing keys {report['missing'][:4]} and {len(report['shape_mismatch'])} of another "
                               f"shape {report['shape_mismatch'][:2]}; ignored {len(report['unexpected'])} unexpected "
@@ -269,8 +265,6 @@ class DATBackbone(nn.Module):
                 parameter.requires_grad_(False)
 
     def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
-        from detr_deform.models.backbone import mask_to_feature
-
         images, mask = tensor_list.tensors, tensor_list.mask
         batch, _, height, width = images.shape
         padded_h, padded_w = math.ceil(height / STRIDE) * STRIDE, math.ceil(width / STRIDE) * STRIDE

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_deform.models.backbone import mask_to_feature
 from detr_deform.models.deformable_transformer import DeformableTransformer
 from detr_deform.utils.box_ops import inverse_sigmoid
-from detr_deform.utils.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature, nested_tensor_from_tensor_list
 
 
 class MLP(nn.Module):

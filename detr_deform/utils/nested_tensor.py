@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -40,3 +41,8 @@ def nested_tensor_from_tensor_list(images: list[torch.Tensor]) -> NestedTensor:
         padded[:, : image.shape[1], : image.shape[2]].copy_(image)
         padded_mask[: image.shape[1], : image.shape[2]] = False
     return NestedTensor(tensors, mask)
+
+
+def mask_to_feature(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool image mask -> (B, h, w) by nearest interpolation (official)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]

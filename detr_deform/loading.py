@@ -1,0 +1,121 @@
+"""Models from checkpoint files and back: ``load_model`` (ours or official
+model-zoo files), ``init_from`` (fine-tuning), ``save_checkpoint``.
+
+The layer above :mod:`detr_deform.models` (it builds models) and above
+:mod:`detr_deform.checkpoint` (which only reads and writes files).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from detr_deform.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of, write_checkpoint
+from detr_deform.models.build import build_model
+from detr_deform.models.config import ModelConfig
+
+
+def config_of(content: Any, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
+    """The ModelConfig stored in (or implied by) a checkpoint's content, not yet
+    validated (``build_model`` validates it). ``state``: the file's weights, when
+    already extracted (official files: the class count is read from the class head)."""
+    path = Path(path)
+    if isinstance(content, dict) and content.get("format") == FORMAT:
+        config = content.get("config", {})
+        try:
+            return ModelConfig.from_dict(dict(config.get("model", config)), validate=False)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    if isinstance(content, dict) and isinstance(content.get("args"), (argparse.Namespace, dict)):
+        state = state_dict_of(content, path) if state is None else state
+        num_classes = state["class_embed.0.bias"].shape[0] if "class_embed.0.bias" in state else None
+        try:
+            return ModelConfig.from_official_args(content["args"], num_classes=num_classes, validate=False)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    raise CheckpointError(
+        f"{path}: no model configuration in this file (neither a detr_deform checkpoint nor an official one with "
+        f"'args'); pass the configuration explicitly: load_model(path, cfg=ModelConfig(...))"
+    )
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Builds the model a checkpoint describes and loads its weights strictly.
+
+    Works for our checkpoints and for official model-zoo files. Returns the
+    model in eval mode on ``device`` and its ModelConfig.
+    """
+    path = Path(path)
+    return model_from_content(read_checkpoint(path), path, device, cfg)
+
+
+def model_from_content(content: Any, path: str | os.PathLike, device: str | torch.device = "cpu",
+                       cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
+    """``load_model`` for a checkpoint already read with ``read_checkpoint``."""
+    path = Path(path)
+    state = state_dict_of(content, path)
+    if cfg is None:
+        cfg = config_of(content, path, state)
+    elif isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg, validate=False)
+    # Never fetch backbone weights: the checkpoint carries them.
+    cfg = dataclasses.replace(cfg, pretrained_backbone=None)
+    try:
+        model = build_model(cfg)  # validates the configuration (once)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the model configuration is not usable: {error}") from error
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not match the model described by its configuration "
+            f"(with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}, "
+            f"num_feature_levels={cfg.num_feature_levels}, backbone={cfg.backbone}): "
+            f"{len(result.missing_keys)} missing key(s) {result.missing_keys[:4]}, "
+            f"{len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:4]}"
+        )
+    return model.to(device).eval(), cfg
+
+
+def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Fine-tuning initialisation: copies every weight whose name and shape fit,
+    and reports the rest (e.g. a class head of another size) instead of failing.
+
+    Returns {"loaded", "shape_mismatch", "missing", "unexpected"} key lists.
+    """
+    path = Path(path)
+    state = state_dict_of(read_checkpoint(path), path)
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    report = {
+        "loaded": sorted(fitting),
+        "shape_mismatch": sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                                 for k, v in state.items() if k in own and own[k].shape != v.shape),
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+    }
+    model.load_state_dict(fitting, strict=False)
+    if report["shape_mismatch"] or report["missing"]:
+        warnings.warn(
+            f"init_from {path}: loaded {len(report['loaded'])} tensors; kept the model's own values for "
+            f"{len(report['shape_mismatch'])} of another shape (e.g. {report['shape_mismatch'][:2]}) and "
+            f"{len(report['missing'])} missing from the file",
+            stacklevel=2,
+        )
+    return report
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: ModelConfig | dict, **extra: Any) -> Path:
+    """Writes ``model`` with its configuration in our format (atomically);
+    ``extra`` entries (optimizer state, epoch, ...) are stored beside them."""
+    config = cfg.to_dict() if isinstance(cfg, ModelConfig) else dict(cfg)
+    if "model" not in config:
+        config = {"model": config}
+    content = {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "config": config, **extra}
+    return write_checkpoint(path, content)

@@ -7,9 +7,12 @@ presets: ``experiment=...``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+
+from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.models.config import ModelConfig
 
 OFFICIAL_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
@@ -37,14 +40,35 @@ class DataConfig:
     aspect_ratio_grouping: bool = False      # batch images of similar aspect ratio (less padding)
     on_bad_sample: str = "error"             # error (fail naming the file) | skip (leave out, count, warn)
 
-    def split_paths(self, split: str) -> tuple[Path, Path]:
-        """(image folder, annotation file) of ``split`` ('train' or 'val')."""
+    @classmethod
+    def from_saved(cls, values: dict) -> "DataConfig":
+        """The data section stored in a checkpoint's config (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in known})
+
+    @staticmethod
+    def coco_layout(root: str | Path, split: str) -> tuple[Path, Path]:
+        """(image folder, annotation file) of ``split`` in the COCO layout under ``root``."""
+        root = Path(root)
+        return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+
+    def resolved_root(self) -> str | None:
+        """``root``, after generating the built-in demo data there (default: its cache
+        folder) when ``dataset`` is demo."""
+        if self.dataset == "demo":
+            return str(ensure_demo_dataset(self.root))
+        return self.root
+
+    def split_paths(self, split: str, root: str | Path | None = None) -> tuple[Path, Path]:
+        """(image folder, annotation file) of ``split`` ('train' or 'val'); ``root``
+        overrides ``self.root`` (e.g. the resolved demo root)."""
         images = getattr(self, f"{split}_images")
         annotations = getattr(self, f"{split}_annotations")
-        if self.root is not None:
-            root = Path(self.root)
-            images = images or root / f"{split}2017"
-            annotations = annotations or root / "annotations" / f"instances_{split}2017.json"
+        root = root if root is not None else self.root
+        if root is not None:
+            layout_images, layout_annotations = self.coco_layout(root, split)
+            images = images or layout_images
+            annotations = annotations or layout_annotations
         if images is None or annotations is None:
             raise ConfigError(
                 f"no {split} data configured: set data.root=/path/to/coco (with {split}2017/ and "
@@ -127,6 +151,4 @@ def validate(cfg: Config) -> Config:
 
 
 def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="base_config", node=Config)

@@ -14,6 +14,7 @@ shapes either.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,8 +51,6 @@ def use_pytorch_attention(model: nn.Module) -> None:
 
 def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, opset: int = 17) -> Path:
     """Writes ``model`` (eval mode is set) as ONNX for (1, 3, height, width) input."""
-    import warnings
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     use_pytorch_attention(model)
@@ -72,7 +71,7 @@ def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, ops
 def compare_with_onnxruntime(model: nn.Module, path: str | Path, images: list[torch.Tensor]) -> dict[str, float]:
     """Runs PyTorch and onnxruntime on each (3, H, W) image; returns the largest
     absolute difference of each output over all images."""
-    import onnxruntime
+    import onnxruntime  # optional extra (tools): imported only when a check is asked for
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wrapper = ExportWrapper(model).eval()

@@ -12,10 +12,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.config import DataConfig
 from detr_deform.loading import model_from_content
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
-from detr_deform.engine.distributed import resolve_device
+from detr_deform.utils.device import resolve_device
 from detr_deform.layers.ms_deform_attn import MSDeformAttn
 from detr_deform.models.build import build_postprocessor
 
@@ -64,14 +65,15 @@ class Predictor:
                  max_size: int | None = None, topk: int = 100) -> None:
         path = Path(checkpoint)
         content = read_checkpoint(path)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, option="--device")
         self.model, self.cfg = model_from_content(content, path, self.device)
         self.postprocessor = build_postprocessor(self.cfg)
         self.postprocessor.num_select = topk
         self.category_names = category_names_of(content, self.cfg.num_classes)
-        data = content.get("config", {}).get("data", {}) if isinstance(content, dict) else {}
-        self.val_size = val_size or data.get("val_size") or 800
-        self.max_size = max_size or data.get("max_size") or 1333
+        saved = content.get("config", {}) if isinstance(content, dict) else {}
+        data = DataConfig.from_saved(saved.get("data", {}) if isinstance(saved, dict) else {})
+        self.val_size = val_size or data.val_size
+        self.max_size = max_size or data.max_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> normalised 3xHxW float tensor at the network input size."""

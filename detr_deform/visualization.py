@@ -60,7 +60,7 @@ def draw_sampling_points(image: Image.Image, points: torch.Tensor, weights: torc
     """Sampling points (K, 2) in pixels, coloured and sized by their attention
     weight (K,) (brighter/larger = more weight), over ``image``; with the
     predicted box (x0, y0, x1, y1) and the reference point (x, y)."""
-    import matplotlib
+    import matplotlib  # optional extra (tools): imported only for these pictures
 
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas, "RGBA")

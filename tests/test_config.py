@@ -68,3 +68,24 @@ def test_num_classes_disagreeing_with_dataset(tiny_demo_root, tmp_path):
                  f"runtime.output_dir={tmp_path}")
     assert done.returncode == 2
     assert "model.num_classes=7 but" in done.stderr and "num_classes=4 (max id + 1)" in done.stderr
+
+
+DAT_EXPERIMENTS = ["deformable_detr", "single_scale", "box_refine", "two_stage", "demo", "dat_two_stage", "dat_demo"]
+
+
+@pytest.mark.parametrize("experiment", DAT_EXPERIMENTS)
+def test_dat_backbone_group_works_with_every_experiment(experiment):
+    from detr_deform import build_model
+    from detr_deform.models import DATBackbone
+
+    cfg = validate(compose_config(f"experiment={experiment}", "backbone=dat_tiny", "model.num_classes=4"))
+    model = build_model(cfg.model)
+    body = model.backbone[0]
+    assert isinstance(body, DATBackbone)
+    assert body.strides == ([32] if cfg.model.num_feature_levels == 1 else [8, 16, 32])
+    assert len(model.input_proj) == cfg.model.num_feature_levels
+
+
+def test_dc5_with_dat_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match="dilation.*ResNet backbones only"):
+        validate(compose_config("experiment=single_scale_dc5", "backbone=dat_tiny"))

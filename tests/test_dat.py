@@ -1,6 +1,7 @@
 """DAT backbone: structure and checkpoint layout of the released models, the
 official behaviours (facts sheet), any input size, padding invariance,
-gradients, checkpoint loading, and Deformable DETR training with it."""
+gradients, checkpoint loading, and Deformable DETR training with it (Hydra
+composition with DAT: test_config.py; tools/train.py runs: test_train_pipeline.py)."""
 import math
 import sys
 import types
@@ -302,54 +303,6 @@ def test_deformable_detr_with_dat_trains():
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
-EXPERIMENTS = ["deformable_detr", "single_scale", "box_refine", "two_stage", "demo", "dat_two_stage", "dat_demo"]
-
-
-def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from detr_deform.config import register_configs, validate
-    from pipeline_helpers import ROOT
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return validate(OmegaConf.to_object(compose(config_name="config", overrides=list(overrides))))
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_dat_backbone_group_works_with_every_experiment(experiment):
-    from detr_deform import build_model
-
-    cfg = _compose(f"experiment={experiment}", "backbone=dat_tiny", "model.num_classes=4")
-    model = build_model(cfg.model)
-    body = model.backbone[0]
-    assert isinstance(body, DATBackbone)
-    assert body.strides == ([32] if cfg.model.num_feature_levels == 1 else [8, 16, 32])
-    assert len(model.input_proj) == cfg.model.num_feature_levels
-
-
-def test_dc5_with_dat_is_a_clear_config_error():
-    from detr_deform.config import ConfigError
-
-    with pytest.raises(ConfigError, match="dilation.*ResNet backbones only"):
-        _compose("experiment=single_scale_dc5", "backbone=dat_tiny")
-
-
-def test_dat_demo_preset_trains_with_tools_train(tiny_demo_root, tmp_path):
-    import json
-
-    from pipeline_helpers import tiny_train_args, train
-
-    args = tiny_train_args(tiny_demo_root, tmp_path / "run", "optim.epochs=1", "runtime.max_eval_images=2")
-    done = train("experiment=dat_demo", *args[1:])
-    assert done.returncode == 0, done.stderr[-3000:]
-    config = (tmp_path / "run" / "config.yaml").read_text()
-    assert "backbone: dat_tiny" in config and "stage_spec" in config
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert any(r["type"] == "val" for r in records)
-
-
 def test_pretrained_weights_from_a_local_file(tmp_path):
     small = dict(SMALL)                       # img_size too: it sizes the shift masks and bias tables
     source = DAT(**SMALL, num_classes=10)
@@ -367,15 +320,3 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
         DATBackbone("dat_tiny", pretrained=str(path), dat_kwargs=small)
     with pytest.raises(CheckpointError, match="model.pretrained_backbone: backbone weights file not found"):
         DATBackbone("dat_tiny", pretrained=str(tmp_path / "missing.pth"), dat_kwargs=small)
-
-
-def test_paper_scale_dat_two_stage_runs_with_tools_train(tiny_demo_root, tmp_path):
-    """The full-size DAT-T two-stage model through tools/train.py (demo images, 2 steps)."""
-    from pipeline_helpers import train
-
-    done = train("experiment=dat_two_stage", "data=demo", f"data.root={tiny_demo_root}",
-                 f"runtime.output_dir={tmp_path / 'run'}", "data.num_workers=0", "optim.batch_size=1",
-                 "optim.epochs=1", "runtime.max_steps_per_epoch=2", "runtime.max_eval_images=1",
-                 "runtime.vis_images=0", "runtime.log_every=1", "runtime.device=cpu")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoint_last.pth").is_file()

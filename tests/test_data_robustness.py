@@ -10,7 +10,8 @@ from PIL import Image
 
 from data_helpers import rewrite, write_dataset, write_image
 from detr_deform.data import CocoDetection, build_transforms, collate_fn
-from detr_deform.data.coco import DatasetError, raise_worker_errors_cleanly
+from detr_deform.data.coco import raise_worker_errors_cleanly
+from detr_deform.data.errors import DatasetError
 from pipeline_helpers import PYTHON, run, tiny_train_args, train
 
 

@@ -74,7 +74,7 @@ def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root
 
 def test_sampling_points_match_the_model(checkpoint, tiny_demo_root):
     """The drawn points are the last decoder layer's sampling locations, in pixels."""
-    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.data.images import load_rgb_image
     from detr_deform.inference import Predictor, decoder_sampling, encoder_sampling
 
     predictor = Predictor(checkpoint, device="cpu")

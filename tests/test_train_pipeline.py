@@ -111,3 +111,23 @@ def test_two_node_run_on_localhost(tiny_demo_root, tmp_path):
         assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "world size 2" in outputs[0][0]
     assert (tmp_path / "run" / "checkpoint_last.pth").is_file()
+
+
+def test_dat_demo_preset_trains_with_tools_train(tiny_demo_root, tmp_path):
+    args = tiny_train_args(tiny_demo_root, tmp_path / "run", "optim.epochs=1", "runtime.max_eval_images=2")
+    done = train("experiment=dat_demo", *args[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "backbone: dat_tiny" in config and "stage_spec" in config
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "val" for r in records)
+
+
+def test_paper_scale_dat_two_stage_runs_with_tools_train(tiny_demo_root, tmp_path):
+    """The full-size DAT-T two-stage model through tools/train.py (demo images, 2 steps)."""
+    done = train("experiment=dat_two_stage", "data=demo", f"data.root={tiny_demo_root}",
+                 f"runtime.output_dir={tmp_path / 'run'}", "data.num_workers=0", "optim.batch_size=1",
+                 "optim.epochs=1", "runtime.max_steps_per_epoch=2", "runtime.max_eval_images=1",
+                 "runtime.vis_images=0", "runtime.log_every=1", "runtime.device=cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint_last.pth").is_file()

@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from detr_deform.data.validation import check_dataset
+from detr_deform.data.report import check_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
 from detr_deform.loading import model_from_content
-from detr_deform.data.coco import CocoDetection, DatasetError, collate_fn
-from detr_deform.data.demo import ensure_demo_dataset
+from detr_deform.data.coco import CocoDetection, collate_fn
+from detr_deform.data.errors import DatasetError
+from detr_deform.config import DataConfig
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine import distributed
 from detr_deform.engine.coco_eval import format_metrics_table
@@ -62,27 +63,24 @@ def saved_batch_size(saved: dict) -> int:
 
 
 def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
-    data = saved.get("data", {}) if isinstance(saved, dict) else {}
-    val_size = args.val_size or data.get("val_size", 800)
-    max_size = args.max_size or data.get("max_size", 1333)
+    """Evaluation images, annotations and sizes: the arguments, else the run's own data settings."""
+    data = DataConfig.from_saved(saved.get("data", {}) if isinstance(saved, dict) else {})
+    val_size = args.val_size or data.val_size
+    max_size = args.max_size or data.max_size
     if args.images or args.annotations:
         if not (args.images and args.annotations):
             raise DatasetError("--images and --annotations go together")
         return Path(args.images), Path(args.annotations), val_size, max_size
-    root = args.coco_path
-    if root is None and data.get("dataset") == "demo":
-        root = ensure_demo_dataset(data.get("root"))
-    if root is None and data.get("root"):
-        root = data["root"]
+    root = args.coco_path or data.resolved_root()
     if root is None:
         raise DatasetError("no evaluation data: pass --coco-path or --images/--annotations")
-    root = Path(root)
-    return root / "val2017", root / "annotations" / "instances_val2017.json", val_size, max_size
+    images, annotations = DataConfig.coco_layout(root, "val")
+    return images, annotations, val_size, max_size
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dist_info = distributed.init_distributed(args.device)
+    dist_info = distributed.init_distributed(args.device, option="--device")
     try:
         content = read_checkpoint(args.checkpoint)
         saved_config = content.get("config", {}) if isinstance(content, dict) else {}

@@ -47,7 +47,7 @@ def check_images(args: argparse.Namespace, predictor, height: int, width: int) -
     from torchvision.transforms.v2 import functional as F
 
     from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.data.images import load_rgb_image
     from detr_deform.inference import collect_images
 
     if not args.check_images:
@@ -64,7 +64,7 @@ def check_images(args: argparse.Namespace, predictor, height: int, width: int) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from detr_deform.checkpoint import CheckpointError
-    from detr_deform.data.validation import DatasetError
+    from detr_deform.data.errors import DatasetError
     from detr_deform.export import compare_with_onnxruntime, export_onnx
     from detr_deform.inference import Predictor
 

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from detr_deform.checkpoint import CheckpointError
-from detr_deform.data.validation import DatasetError, load_rgb_image
+from detr_deform.data.errors import DatasetError
+from detr_deform.data.images import load_rgb_image
 from detr_deform.inference import Predictor, collect_images
 from detr_deform.visualization import detection_labels, draw_boxes, save_image, to_uint8
 

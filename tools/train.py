@@ -17,15 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import Config, ConfigError, register_configs, validate
-from detr_deform.data.coco import DatasetError
+from detr_deform.data.errors import DatasetError
 
 register_configs()
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from detr_deform.engine.faults import NonFiniteLossError
-    from detr_deform.engine.trainer import TrainingInterrupted, train
+    from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
+    from detr_deform.engine.trainer import train
 
     try:
         config: Config = OmegaConf.to_object(cfg)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from detr_deform.checkpoint import CheckpointError
-from detr_deform.data.validation import DatasetError
+from detr_deform.data.errors import DatasetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def attention_maps(args: argparse.Namespace) -> list[Path]:
-    from detr_deform.data.validation import load_rgb_image
+    from detr_deform.data.images import load_rgb_image
     from detr_deform.inference import Predictor, collect_images, decoder_sampling, encoder_sampling
     from detr_deform.visualization import draw_sampling_points
 

@@ -10,12 +10,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from detr_deform.data.validation import DatasetError, check_structure, load_rgb_image, read_instances_json
+from detr_deform.data.errors import DatasetError
+from detr_deform.data.images import load_rgb_image
+from detr_deform.data.schema import check_structure, read_instances_json
 
-__all__ = ["CocoDetection", "DatasetError", "collate_fn", "load_coco_json", "read_instances_json",
-           "raise_worker_errors_cleanly", "skipped_in"]
+__all__ = ["CocoDetection", "collate_fn", "load_coco_json", "raise_worker_errors_cleanly", "skipped_in"]
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _MAX_CONSECUTIVE_BAD = 50
@@ -25,8 +27,6 @@ _STRUCTURAL = {"malformed_json", "malformed_category", "duplicate_category", "du
 
 def load_coco_json(annotation_file: str | Path, content: dict | None = None):
     """pycocotools COCO index, quiet."""
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = content if content is not None else read_instances_json(annotation_file)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -7,6 +7,10 @@ import io
 import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detr_deform.engine.distributed import world_size
 
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -40,9 +44,9 @@ def detections_to_coco(image_ids: list[int], results: list[dict]) -> list[dict]:
 def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[dict], list[int]]:
     """All ranks' detections on every rank, each image counted once (a
     DistributedSampler pads by repeating images; duplicates are dropped)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return entries, sorted(set(image_ids))
-    gathered: list = [None] * dist.get_world_size()
+    gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, (entries, image_ids))
     seen: set[int] = set()
     merged: list[dict] = []
@@ -55,8 +59,6 @@ def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[d
 
 def evaluate_coco(coco_gt, entries: list[dict], image_ids: list[int]) -> tuple[dict[str, float], str]:
     """Runs COCOeval (bbox) restricted to ``image_ids``; returns the 12 metrics and the printed table."""
-    from pycocotools.cocoeval import COCOeval
-
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         # loadRes adds keys (area, id, ...) to the dicts it is given: hand it copies.
@@ -71,8 +73,6 @@ def evaluate_coco(coco_gt, entries: list[dict], image_ids: list[int]) -> tuple[d
 
 
 def _empty_results(coco_gt):
-    from pycocotools.coco import COCO
-
     empty = COCO()
     empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
                      "annotations": []}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from detr_deform.utils.device import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -58,23 +60,13 @@ def _slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("runtime.device=cuda but no GPU is visible; use runtime.device=cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
-def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device_name: str = "auto", timeout_s: int = 1800, option: str = "runtime.device") -> DistInfo:
     """Initialises the default process group when launched with several processes."""
     _slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, option)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -87,6 +79,11 @@ def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistIn
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when not distributed)."""
+    return dist.get_world_size() if is_initialized() else 1
 
 
 def broadcast_object(value, src: int = 0):
@@ -104,7 +101,7 @@ def barrier() -> None:
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean over ranks of a dict of floats (same keys on every rank)."""
-    if not is_initialized() or dist.get_world_size() == 1 or not values:
+    if world_size() == 1 or not values:
         return values
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)

@@ -22,6 +22,15 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; the message lists the step, images and terms."""
 
 
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code``
+    is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class GracefulStop:
     """Turns SIGTERM/SIGINT into a request to stop after the current step (the
     trainer then writes a checkpoint and exits). A second SIGINT (Ctrl-C twice)
@@ -68,17 +77,6 @@ class GracefulStop:
             if signal.Signals(signum).name == self.signal_name:
                 return 128 + signum
         return 128 + signal.SIGTERM
-
-
-def quiet_worker_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn. Ctrl-C signals the whole process group: workers
-    ignore SIGINT and let the main process stop and shut them down. SLURM sends
-    SIGTERM to every process of the job: a worker then exits with status 0 (not
-    "killed by a signal", which would make the main process fail before it can
-    write its checkpoint). The DataLoader's own shutdown still works: it ends
-    workers through its queues, and with SIGTERM as a last resort."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def is_nonfinite(total: float, grad_norm: torch.Tensor, fp16_scaler_in_use: bool) -> bool:

@@ -1,4 +1,5 @@
-"""Run output on rank 0: JSON-lines log, TensorBoard events, console lines."""
+"""Run output on rank 0: JSON-lines log, TensorBoard events, console lines,
+and the validation pictures written to TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -7,23 +8,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from detr_deform.visualization import denormalize, detection_labels, draw_boxes
+
 
 class RunLogger:
-    """Writes ``log.jsonl`` and TensorBoard events under the run directory (rank 0 only)."""
+    """Writes ``log.jsonl`` and TensorBoard events under the run directory (rank 0
+    only). Console lines work at once; the files are created by ``open`` (so that
+    nothing is written into a run directory before the run is known to start)."""
 
     def __init__(self, run_dir: Path | None, enabled: bool) -> None:
+        self.run_dir = run_dir
         self.enabled = enabled and run_dir is not None
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         self.log_file = None
-        if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
 
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self.log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+    def open(self) -> None:
+        if self.enabled and self.log_file is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
 
     def record(self, kind: str, step: int, values: dict[str, Any], tb_prefix: str | None = None) -> None:
-        if not self.enabled:
+        if self.log_file is None:
             return
         entry = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
         self.log_file.write(json.dumps(entry) + "\n")
@@ -33,8 +43,8 @@ class RunLogger:
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self.writer.add_scalar(f"{tb_prefix}/{key}", value, step)
 
-    def image(self, tag: str, image, step: int) -> None:
-        if self.enabled:
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
             self.writer.add_image(tag, image, step)
 
     def console(self, message: str) -> None:
@@ -47,3 +57,23 @@ class RunLogger:
             self.writer.close()
         if self.log_file is not None:
             self.log_file.close()
+
+
+@torch.no_grad()
+def log_prediction_images(logger: RunLogger, model: nn.Module, postprocessor: nn.Module, dataset, count: int,
+                          device: torch.device, step: int, category_names: dict[int, str],
+                          threshold: float = 0.3) -> None:
+    """The first ``count`` validation images with the detections above ``threshold``."""
+    if logger.writer is None or count <= 0:
+        return
+    model.eval()
+    for index in range(min(count, len(dataset))):
+        image, _ = dataset[index]
+        outputs = model([image.to(device)])
+        size = torch.tensor([image.shape[-2:]], device=device)
+        result = postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, size)[0]
+        keep = result["scores"] > threshold
+        labels = result["labels"][keep].cpu()
+        drawn = draw_boxes(denormalize(image), result["boxes"][keep].cpu(),
+                           detection_labels(result["scores"][keep], labels, category_names), labels.tolist())
+        logger.image(f"val/predictions_{index}", drawn, step)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from detr_deform.engine.distributed import world_size
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -22,10 +23,6 @@ def build_weight_dict(cls_loss_coef: float, bbox_loss_coef: float, giou_loss_coe
     if two_stage:
         weight_dict.update({f"{k}_enc": v for k, v in base.items()})
     return weight_dict
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class SetCriterion(nn.Module):
@@ -112,9 +109,9 @@ class SetCriterion(nn.Module):
             indices = self.matcher(main, targets)
             num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float,
                                         device=device)
-            if _world_size() > 1:
+            if world_size() > 1:
                 dist.all_reduce(num_boxes)
-            num_boxes = torch.clamp(num_boxes / _world_size(), min=1).item()
+            num_boxes = torch.clamp(num_boxes / world_size(), min=1).item()
 
             losses = self._all_losses(main, targets, indices, num_boxes, log=True)
             for i, aux in enumerate(outputs.get("aux_outputs", [])):

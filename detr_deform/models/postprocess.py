@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops import batched_nms
 
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
 
@@ -46,8 +47,6 @@ class PostProcess(nn.Module):
         results = [{"scores": s, "labels": l, "boxes": b, "queries": q}
                    for s, l, b, q in zip(scores, labels, boxes, topk_boxes)]
         if self.nms_iou is not None:
-            from torchvision.ops import batched_nms
-
             # batched_nms returns the kept indices by decreasing score, like the top-k order.
             results = [{k: v[batched_nms(r["boxes"].float(), r["scores"].float(), r["labels"], self.nms_iou)]
                         for k, v in r.items()} for r in results]

@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import detr_deform.engine.loop as loop  # noqa: E402
 import detr_deform.engine.trainer as trainer  # noqa: E402
 
 
@@ -33,7 +34,7 @@ CRASH_ONCE = os.environ.get("FAULT_CRASH_ONCE") == "1"
 SLEEP_S = float(os.environ.get("FAULT_SLEEP_S", "0"))
 calls = {"criterion": 0, "step": 0}
 build_criterion = trainer.build_criterion
-train_step = trainer.train_step
+train_step = loop.train_step
 
 
 def faulty_criterion(model_cfg):
@@ -66,7 +67,7 @@ def faulty_step(*args, **kwargs):
 
 
 trainer.build_criterion = faulty_criterion
-trainer.train_step = faulty_step
+loop.train_step = faulty_step
 torch.manual_seed(0)
 sys.argv = [str(ROOT / "tools" / "train.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "tools" / "train.py"), run_name="__main__")

@@ -1,0 +1,101 @@
+"""Training checkpoints: everything a run needs to continue exactly (model,
+optimizer, scheduler, scaler, EMA, progress, random-number state of every rank),
+written with ``save_checkpoint`` and read back by ``resume_training``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.engine.state import TrainState, rng_state, set_rng_state
+from detr_deform.loading import save_checkpoint
+
+
+@dataclass
+class TrainingParts:
+    """The objects a training run updates. ``train_model`` is ``model`` or its
+    DistributedDataParallel wrapper; checkpoints and evaluation use ``model``."""
+    model: nn.Module
+    train_model: nn.Module
+    criterion: nn.Module
+    postprocessor: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    ema: AveragedModel | None
+
+
+def gather_rng_states(world_size: int) -> dict[str, Any]:
+    """Every rank's random-number state, keyed by rank (a collective when distributed)."""
+    state = rng_state()
+    if world_size == 1:
+        return {"0": state}
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return {str(rank): s for rank, s in enumerate(gathered)}
+
+
+def save_training_checkpoint(path: Path, parts: TrainingParts, state: TrainState, config: dict[str, Any],
+                             category_names: dict[int, str], rng: dict[str, Any] | None = None) -> Path:
+    """Our checkpoint format with the training state beside the weights; ``config``
+    is the run's resolved configuration (``ResolvedRun.saved_config``)."""
+    return save_checkpoint(
+        path, parts.model, config, optimizer=parts.optimizer.state_dict(),
+        lr_scheduler=parts.scheduler.state_dict(),
+        scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
+        ema=parts.ema.state_dict() if parts.ema is not None else None,
+        category_names={str(k): v for k, v in category_names.items()}, rng=rng or {}, **state.state_dict())
+
+
+def resume_training(path: Path, parts: TrainingParts, rank: int) -> TrainState:
+    """Restores ``parts`` and this rank's random-number state from a training
+    checkpoint; returns the progress it recorded. Nothing is changed when the
+    file does not fit the model (CheckpointError naming the tensor)."""
+    content = read_checkpoint(path)
+    if not isinstance(content, dict) or not isinstance(content.get("model"), dict) or "step" not in content:
+        raise CheckpointError(f"runtime.resume={path}: not a training checkpoint of ours (no model/optimizer/step); "
+                              f"to start from its weights use runtime.init_from={path}")
+    _check_fits(content["model"], parts.model, path)
+    parts.model.load_state_dict(content["model"])
+    parts.optimizer.load_state_dict(content["optimizer"])
+    parts.scheduler.load_state_dict(content["lr_scheduler"])
+    if parts.scaler is not None and content.get("scaler"):
+        parts.scaler.load_state_dict(content["scaler"])
+    if parts.ema is not None and content.get("ema"):
+        parts.ema.load_state_dict(content["ema"])
+    state = TrainState()
+    state.load_state_dict(content)
+    rng = content.get("rng", {}).get(str(rank))
+    if rng is not None:
+        set_rng_state(rng)
+    return state
+
+
+def _check_fits(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    wrong = [k for k in own if k in saved and saved[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"{wrong[0]} is {tuple(saved[wrong[0]].shape)} in the file but {tuple(own[wrong[0]].shape)} in "
+                  f"the model" if wrong else f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+                  f"{unexpected[:3]}")
+        raise CheckpointError(
+            f"runtime.resume={path}: the checkpoint does not fit the configured model ({len(wrong)} tensor(s) of "
+            f"another shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {detail}). Resume with the "
+            f"run's own configuration (its config.yaml), or start a new run with runtime.init_from={path} to "
+            f"fine-tune from its weights")
+
+
+def save_on_failure(path: Path, parts: TrainingParts, state: TrainState, config: dict[str, Any],
+                    category_names: dict[int, str], is_main: bool) -> None:
+    """Best effort after an exception in evaluation: the epoch's training is kept
+    (rank 0's random-number state only: no collective, other ranks may be gone)."""
+    if is_main:
+        save_training_checkpoint(path, parts, state, config, category_names,
+                                 rng={"0": rng_state()})

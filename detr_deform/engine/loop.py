@@ -1,0 +1,148 @@
+"""One training epoch: batches → ``train_step`` → bookkeeping (EMA, loss sums,
+logging, progress), with the non-finite-loss policy and stop signals."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from detr_deform.config import Config
+from detr_deform.data.coco import raise_worker_errors_cleanly, skipped_in
+from detr_deform.data.loaders import Loaders
+from detr_deform.engine import faults
+from detr_deform.engine.checkpointing import TrainingParts
+from detr_deform.engine.run_logger import RunLogger
+from detr_deform.engine.state import TrainState
+from detr_deform.engine.steps import move_targets, train_step
+
+
+@dataclass
+class NonFinitePolicy:
+    """runtime.on_nonfinite: ``stop`` raises NonFiniteLossError with a report
+    (also written as ``nonfinite_stepN.json`` by rank 0); ``skip`` drops the step
+    (the weights were not updated), at most ``max_skips`` times in a run."""
+    mode: str
+    max_skips: int
+    run_dir: Path
+    is_main: bool
+
+    def handle(self, report: dict, state: TrainState, logger: RunLogger) -> None:
+        if self.mode == "stop" or state.nonfinite_skips >= self.max_skips:
+            detail = f"; report written to {faults.write_report(self.run_dir, report)}" if self.is_main else ""
+            why = ("runtime.on_nonfinite=stop" if self.mode == "stop" else
+                   f"more than runtime.max_nonfinite_skips={self.max_skips} skipped steps")
+            raise faults.NonFiniteLossError(
+                f"{faults.format_report(report)}{detail}. Stopped ({why}); the weights were not updated by "
+                f"this step and {self.run_dir / 'checkpoint_last.pth'} holds the last good state. Lower the "
+                f"learning rate, check the images above, or set runtime.on_nonfinite=skip")
+        state.nonfinite_skips += 1
+        logger.record("nonfinite", state.step, report)
+        logger.console(f"warning: skipped step ({state.nonfinite_skips}/{self.max_skips}): "
+                       f"{faults.format_report(report)}")
+
+
+@dataclass
+class LoopContext:
+    """What the epoch loop needs besides the model parts, the data and the state."""
+    cfg: Config
+    device: torch.device
+    rank: int
+    logger: RunLogger
+    stopper: faults.GracefulStop
+    nonfinite: NonFinitePolicy
+
+
+@dataclass
+class EpochResult:
+    """Per-term loss sums over the finite steps; ``stopped``: a stop signal ended the epoch early."""
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+    def add(self, losses: dict[str, float], total: float) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.sums["loss"] = self.sums.get("loss", 0.0) + total
+        self.steps += 1
+
+    def averages(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+
+def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, epoch: int,
+                    ctx: LoopContext) -> EpochResult:
+    """Trains epoch ``epoch`` from batch ``state.batches_done`` on (a resumed
+    epoch skips the batches already done); ``state`` is updated after every
+    batch. Returns early, with ``stopped``, when any rank got a stop signal."""
+    cfg, logger = ctx.cfg, ctx.logger
+    loader = loaders.train
+    loaders.train_sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+    loader.generator.manual_seed(cfg.runtime.seed * 100003 + epoch * 1009 + ctx.rank)
+    skip, loader.batch_sampler.skip = state.batches_done, state.batches_done
+    steps_per_epoch = len(loader)
+    if cfg.runtime.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.runtime.max_steps_per_epoch)
+    parts.train_model.train()
+    result = EpochResult()
+    start = time.time()
+    bar = _progress_bar(cfg, ctx.rank, steps_per_epoch, skip, epoch)
+    for batch_index, (images, targets) in enumerate(raise_worker_errors_cleanly(loader), start=skip):
+        if batch_index >= steps_per_epoch:
+            break
+        for _, reason in skipped_in(targets):
+            state.skipped_images += 1
+            logger.console(f"warning: skipped unreadable image (data.on_bad_sample=skip): {reason}")
+        images = [image.to(ctx.device, non_blocking=True) for image in images]
+        targets = move_targets(targets, ctx.device)
+        losses, total, grad_norm = train_step(parts.train_model, parts.criterion, images, targets, parts.optimizer,
+                                              cfg.optim.clip_max_norm, cfg.runtime.amp, parts.scaler)
+        state.step += 1
+        if faults.is_nonfinite(total, grad_norm, parts.scaler is not None):
+            report = faults.nonfinite_report(epoch, state.step, targets, losses, total, grad_norm)
+            ctx.nonfinite.handle(report, state, logger)
+        else:
+            if parts.ema is not None:
+                parts.ema.update_parameters(parts.model)
+            result.add(losses, total)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}")
+            if state.step % cfg.runtime.log_every == 0 or batch_index == steps_per_epoch - 1:
+                _log_step(logger, parts.optimizer, state.step, epoch, batch_index, steps_per_epoch, losses, total,
+                          grad_norm, console=bar is None)
+        state.epoch, state.batches_done = epoch, batch_index + 1
+        if ctx.stopper.requested(ctx.device):
+            result.stopped = True
+            break
+    if bar is not None:
+        bar.close()
+    if not result.stopped:
+        state.epoch, state.batches_done = epoch, 0
+    result.seconds = time.time() - start
+    return result
+
+
+def _progress_bar(cfg: Config, rank: int, total: int, initial: int, epoch: int) -> tqdm | None:
+    """A tqdm bar on rank 0 (runtime.progress: bar, or auto on a terminal); else None (log lines)."""
+    wanted = cfg.runtime.progress == "bar" or (cfg.runtime.progress == "auto" and sys.stderr.isatty())
+    if rank != 0 or not wanted:
+        return None
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+
+
+def _log_step(logger: RunLogger, optimizer: torch.optim.Optimizer, step: int, epoch: int, batch_index: int,
+              steps_per_epoch: int, losses: dict[str, float], total: float, grad_norm: torch.Tensor,
+              console: bool) -> None:
+    values = {"epoch": epoch, "loss": total, "grad_norm": float(grad_norm), **losses,
+              **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+    logger.record("train", step, values, tb_prefix="train")
+    if console:
+        logger.console(f"epoch {epoch} step {batch_index + 1}/{steps_per_epoch} loss {total:.4f} "
+                       f"(ce {losses['loss_ce']:.3f} bbox {losses['loss_bbox']:.3f} "
+                       f"giou {losses['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e}")

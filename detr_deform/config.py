@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils.device import DeviceError, resolve_device
+from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
 
 OFFICIAL_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
@@ -24,21 +26,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "coco"                    # coco (any COCO-format data) | demo (built-in synthetic)
+    dataset: str = choice(("coco", "demo"), default="coco")  # coco (any COCO-format data) | demo (built-in)
     root: str | None = None                  # COCO layout: <root>/{train2017,val2017,annotations/}
     train_images: str | None = None          # override per split
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
-    train_scales: list[int] = field(default_factory=lambda: list(OFFICIAL_TRAIN_SCALES))
-    max_size: int = 1333
-    val_size: int = 800
-    crop_resize_sizes: list[int] = field(default_factory=lambda: [400, 500, 600])
-    crop_min: int = 384
-    crop_max: int = 600
-    num_workers: int = 2
+    train_scales: list[int] = bounded(OFFICIAL_TRAIN_SCALES, ge=1)
+    max_size: int = bounded(1333, ge=1)
+    val_size: int = bounded(800, ge=1)
+    crop_resize_sizes: list[int] = bounded([400, 500, 600], ge=1)
+    crop_min: int = bounded(384, ge=1)
+    crop_max: int = bounded(600, ge=1)
+    num_workers: int = bounded(2, ge=0)
     aspect_ratio_grouping: bool = False      # batch images of similar aspect ratio (less padding)
-    on_bad_sample: str = "error"             # error (fail naming the file) | skip (leave out, count, warn)
+    on_bad_sample: str = choice(("error", "skip"), default="error")  # error (fail naming the file) | skip
 
     @classmethod
     def from_saved(cls, values: dict) -> "DataConfig":
@@ -84,38 +86,58 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    lr_backbone: float = 2e-5
+    lr: float = bounded(2e-4, gt=0)
+    lr_backbone: float = bounded(2e-5, ge=0)
     lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone.0"])
     lr_linear_proj_names: list[str] = field(default_factory=lambda: ["reference_points", "sampling_offsets"])
-    lr_linear_proj_mult: float = 0.1
-    weight_decay: float = 1e-4
-    batch_size: int = 2                      # per process (GPU)
-    epochs: int = 50
-    lr_drop: int = 40
-    clip_max_norm: float = 0.1
+    lr_linear_proj_mult: float = bounded(0.1, ge=0)
+    weight_decay: float = bounded(1e-4, ge=0)
+    batch_size: int = bounded(2, ge=1)       # per process (GPU)
+    accumulate_steps: int = bounded(1, ge=1)  # micro-batches per optimizer step (effective batch x K)
+    epochs: int = bounded(50, ge=1)
+    clip_max_norm: float = bounded(0.1, ge=0)  # 0: no clipping
+    # Learning-rate schedule (official: step, x0.1 after lr_drop epochs, stepped per epoch).
+    scheduler: str = choice(("step", "multistep", "cosine"), default="step")
+    lr_drop: int = bounded(40, ge=1)         # step: epochs before the x gamma drop
+    milestones: list[int] = bounded([], ge=1)  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = bounded(0.1, gt=0, le=1)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine: final lr / initial lr
+    warmup_steps: int = bounded(0, ge=0)     # linear warm-up over this many optimizer steps (0: none)
+    warmup_factor: float = bounded(0.001, gt=0, le=1)  # lr multiplier at the first warm-up step
+    auto_scale_lr: bool = False              # ours: lr x effective batch / 32 (the official total batch)
 
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"                     # auto | cpu | cuda
-    seed: int = 42                           # + rank
+    device: str = "auto"                     # auto | cpu | cuda | cuda:N
+    seed: int = bounded(42, ge=0)            # + rank
     output_dir: str | None = None            # default: runs/<experiment>/<time>
     resume: str | None = None                # auto (latest in the run dir) | path to a checkpoint
     init_from: str | None = None             # fine-tuning: weights that fit are loaded, mismatches reported
-    eval_every: int = 1                      # epochs
-    amp: str = "off"                         # off | fp16 | bf16
+    allow_nonfinite_weights: bool = False    # resume/init_from even when the file holds NaN/inf weights
+    eval_every: int = bounded(1, ge=1)       # epochs
+    amp: str = choice(("off", "fp16", "bf16"), default="off")
+    compile: bool = False                    # torch.compile the model (training and evaluation)
     ema: bool = False
-    ema_decay: float = 0.9998
+    ema_decay: float = bounded(0.9998, gt=0, lt=1)
     deterministic: bool = False              # deterministic kernels (+ seeded samplers/augmentations, always on)
-    on_nonfinite: str = "stop"               # stop (report + exit) | skip (drop the step; see max_nonfinite_skips)
-    max_nonfinite_skips: int = 10            # with on_nonfinite=skip: stop after this many skipped steps
-    log_every: int = 20                      # steps between log lines / scalars
-    max_steps_per_epoch: int | None = None   # cut epochs short (smoke tests)
-    max_eval_images: int | None = None       # evaluate on the first N images only
-    vis_images: int = 4                      # val images with predictions written to TensorBoard
-    dist_timeout_s: int = 1800
-    progress: str = "auto"                   # auto (bar on a TTY, log lines otherwise) | bar | log
+    on_nonfinite: str = choice(("stop", "skip"), default="stop")  # stop (report + exit) | skip (drop the step)
+    max_nonfinite_skips: int = bounded(10, ge=0)  # with on_nonfinite=skip: stop after this many skipped steps
+    log_every: int = bounded(20, ge=1)       # optimizer steps between log lines / scalars
+    max_steps_per_epoch: int | None = bounded(None, ge=1)  # cut epochs short (smoke tests), in optimizer steps
+    max_eval_images: int | None = bounded(None, ge=1)  # evaluate on the first N images only
+    vis_images: int = bounded(4, ge=0)       # val images with predictions written to TensorBoard
+    coco_eval: str = choice(("pycocotools", "faster"), default="pycocotools")  # faster: faster-coco-eval
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of tensorboard, mlflow, wandb
+    mlflow_tracking_uri: str | None = None   # default: sqlite:///<run dir>/mlflow.db
+    mlflow_experiment: str | None = None     # default: the experiment name
+    wandb_project: str = "detr_deform"
+    wandb_mode: str = choice(("auto", "online", "offline"), default="auto")  # auto: offline without an API key
+    dist_timeout_s: int = bounded(1800, ge=1)
+    progress: str = choice(("auto", "bar", "log"), default="auto")  # auto: bar on a TTY, log lines otherwise
+
+
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -128,25 +150,30 @@ class Config:
 
 
 def validate(cfg: Config) -> Config:
-    """Checks beyond types; raises ConfigError naming the key."""
+    """Every value of every section (types, choices, ranges) and the rules between
+    them, before anything is created; raises ConfigError with one line naming the key."""
     try:
         cfg.model.validate()
-    except ValueError as error:
+        for name in ("data", "optim", "runtime"):
+            check_fields(getattr(cfg, name), name)
+        resolve_device(cfg.runtime.device)
+    except (ValueError, DeviceError) as error:
         raise ConfigError(str(error)) from error
-    if cfg.data.dataset not in ("coco", "demo"):
-        raise ConfigError(f"data.dataset must be 'coco' or 'demo', got {cfg.data.dataset!r}")
-    if cfg.runtime.amp not in ("off", "fp16", "bf16"):
-        raise ConfigError(f"runtime.amp must be off, fp16 or bf16, got {cfg.runtime.amp!r}")
-    if cfg.runtime.progress not in ("auto", "bar", "log"):
-        raise ConfigError(f"runtime.progress must be auto, bar or log, got {cfg.runtime.progress!r}")
-    if cfg.data.on_bad_sample not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
-    if cfg.runtime.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"runtime.on_nonfinite must be stop or skip, got {cfg.runtime.on_nonfinite!r}")
-    if cfg.optim.batch_size < 1 or cfg.optim.epochs < 1:
-        raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
-    if cfg.runtime.eval_every < 1:
-        raise ConfigError("runtime.eval_every must be >= 1")
+    d, o, r = cfg.data, cfg.optim, cfg.runtime
+    if d.crop_min > d.crop_max:
+        raise ConfigError(f"data.crop_min={d.crop_min} is larger than data.crop_max={d.crop_max}")
+    if not d.train_scales or not d.crop_resize_sizes:
+        raise ConfigError("data.train_scales and data.crop_resize_sizes need at least one size each")
+    if o.scheduler == "multistep" and (not o.milestones or o.milestones != sorted(set(o.milestones))):
+        raise ConfigError(f"optim.milestones={o.milestones} must be increasing epochs, at least one, with "
+                          f"optim.scheduler=multistep")
+    unknown = [name for name in r.loggers if name not in LOGGERS]
+    if unknown or len(set(r.loggers)) != len(r.loggers):
+        raise ConfigError(f"runtime.loggers={r.loggers}: each of {', '.join(LOGGERS)} at most once"
+                          + (f" ({unknown[0]!r} is not one{did_you_mean(unknown[0], LOGGERS)})" if unknown else ""))
+    for key, path in (("runtime.init_from", r.init_from), ("runtime.resume", r.resume)):
+        if path and path != "auto" and not Path(path).exists():
+            raise ConfigError(f"{key}: checkpoint not found: {path}")
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""DDP over 2 CPU processes == one process over the same global batch."""
+"""DDP over 2 CPU processes == one process over the same global batch, also
+with gradient accumulation (2 ranks x batch 2 x 2 micro-batches == batch 8)."""
 import json
 
 from pipeline_helpers import PYTHON, run
@@ -12,3 +13,5 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     values = json.loads(result.read_text())
     assert values["max_change"] > 1e-4  # the step really moved the weights
     assert values["max_diff"] < 1e-6, values
+    assert values["accumulated_max_change"] > 1e-4
+    assert values["accumulated_max_diff"] < 1e-6, values

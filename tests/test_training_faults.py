@@ -70,13 +70,16 @@ def _final_weights(run_dir: Path) -> dict:
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches_uninterrupted_run(tiny_demo_root, tmp_path):
-    common = ["runtime.deterministic=true", "optim.epochs=3", "data.num_workers=1", *QUICK]
+    """With gradient accumulation (2 micro-batches of 1 per step): the stop and the resume fall on an
+    optimizer-step boundary, and the resumed run equals the uninterrupted one exactly."""
+    common = ["runtime.deterministic=true", "optim.epochs=3", "data.num_workers=1", "optim.accumulate_steps=2", *QUICK]
     full = tmp_path / "full"
-    done = train(*tiny_train_args(tiny_demo_root, full, *common))
+    done = train(*tiny_train_args(tiny_demo_root, full, *common, batch_size=1))
     assert done.returncode == 0, done.stderr[-3000:]
 
     part = tmp_path / "part"
-    process = subprocess.Popen([PYTHON, FAULTS, *tiny_train_args(tiny_demo_root, part, *common)], cwd=ROOT,
+    process = subprocess.Popen([PYTHON, FAULTS, *tiny_train_args(tiny_demo_root, part, *common, batch_size=1)],
+                               cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(FAULT_SLEEP_S=0.3))
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -90,8 +93,9 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches_uninterrupted_run(tiny_d
     assert "stopped by SIGTERM" in stderr and "runtime.resume=auto" in stderr
     state = read_checkpoint(part / "checkpoint_last.pth")
     assert 4 <= state["step"] < 9 and state["batches_done"] > 0     # stopped in the middle of an epoch
+    assert state["batches_done"] % 2 == 0                            # ... after a whole optimizer step
 
-    done = train(*tiny_train_args(tiny_demo_root, part, *common, "runtime.resume=auto"))
+    done = train(*tiny_train_args(tiny_demo_root, part, *common, "runtime.resume=auto", batch_size=1))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"batch {state['batches_done']}" in done.stdout
     full_losses = {r["step"]: r["loss"] for r in records(full, "train")}

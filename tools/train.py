@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train Deformable DETR.
+"""Train Deformable DETR (usage: python tools/train.py --help).
 
     python tools/train.py experiment=demo                      # built-in demo, CPU, minutes
     python tools/train.py experiment=two_stage data.root=/data/coco model.pretrained_backbone=/w/r50.pth
@@ -7,36 +7,50 @@
     python tools/train.py experiment=two_stage runtime.output_dir=runs/x runtime.resume=auto
 
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
+Exit status: 0 done; 2 a configuration, data or checkpoint problem or a non-finite loss (one line on
+stderr); 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130
+after a second Ctrl-C (nothing saved for the current step).
 """
 from __future__ import annotations
 
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from detr_deform.checkpoint import CheckpointError
-from detr_deform.config import Config, ConfigError, register_configs, validate
+from detr_deform.cli import config_from_hydra, precheck
+from detr_deform.config import ConfigError, register_configs
 from detr_deform.data.errors import DatasetError
+from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
+from detr_deform.engine.trainer import train
 
 register_configs()
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
-    from detr_deform.engine.trainer import train
-
+def run(cfg: DictConfig) -> None:
     try:
-        config: Config = OmegaConf.to_object(cfg)
-        validate(config)
-        train(config)
+        train(config_from_hydra(cfg))
     except TrainingInterrupted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted by a second Ctrl-C: no checkpoint was written for the current step; the last "
+              "checkpoint_last.pth of the run is intact", file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.engine.optim import LRSchedule
 from detr_deform.engine.state import TrainState, rng_state, set_rng_state
 from detr_deform.loading import save_checkpoint
 
@@ -25,7 +26,7 @@ class TrainingParts:
     criterion: nn.Module
     postprocessor: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: LRSchedule
     scaler: torch.amp.GradScaler | None
     ema: AveragedModel | None
 

@@ -1,11 +1,13 @@
-"""One training epoch: batches → ``train_step`` → bookkeeping (EMA, loss sums,
+"""One training epoch: (micro-)batches → ``accumulated_step`` → bookkeeping (EMA, loss sums,
 logging, progress), with the non-finite-loss policy and stop signals."""
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -17,7 +19,7 @@ from detr_deform.engine import faults
 from detr_deform.engine.checkpointing import TrainingParts
 from detr_deform.engine.run_logger import RunLogger
 from detr_deform.engine.state import TrainState
-from detr_deform.engine.steps import move_targets, train_step
+from detr_deform.engine.steps import Batch, accumulated_step, move_targets
 
 
 @dataclass
@@ -76,36 +78,36 @@ class EpochResult:
 
 def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, epoch: int,
                     ctx: LoopContext) -> EpochResult:
-    """Trains epoch ``epoch`` from batch ``state.batches_done`` on (a resumed
-    epoch skips the batches already done); ``state`` is updated after every
-    batch. Returns early, with ``stopped``, when any rank got a stop signal."""
+    """Trains epoch ``epoch`` from ``state.batches_done`` on (a resumed epoch
+    skips the micro-batches already done). One optimizer step takes
+    ``optim.accumulate_steps`` micro-batches (an incomplete group at the end of
+    the epoch is dropped); ``state`` is updated after every step. Returns early,
+    with ``stopped``, when any rank got a stop signal (always at a step boundary)."""
     cfg, logger = ctx.cfg, ctx.logger
+    accumulate = cfg.optim.accumulate_steps
     loader = loaders.train
     loaders.train_sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(cfg.runtime.seed * 100003 + epoch * 1009 + ctx.rank)
-    skip, loader.batch_sampler.skip = state.batches_done, state.batches_done
-    steps_per_epoch = len(loader)
-    if cfg.runtime.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.runtime.max_steps_per_epoch)
+    loader.batch_sampler.skip = state.batches_done
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader), cfg)
+    first_step = state.batches_done // accumulate
     parts.train_model.train()
     result = EpochResult()
     start = time.time()
-    bar = _progress_bar(cfg, ctx.rank, steps_per_epoch, skip, epoch)
-    for batch_index, (images, targets) in enumerate(raise_worker_errors_cleanly(loader), start=skip):
-        if batch_index >= steps_per_epoch:
-            break
-        for _, reason in skipped_in(targets):
-            state.skipped_images += 1
-            logger.console(f"warning: skipped unreadable image (data.on_bad_sample=skip): {reason}")
-        images = [image.to(ctx.device, non_blocking=True) for image in images]
-        targets = move_targets(targets, ctx.device)
-        losses, total, grad_norm = train_step(parts.train_model, parts.criterion, images, targets, parts.optimizer,
-                                              cfg.optim.clip_max_norm, cfg.runtime.amp, parts.scaler)
+    bar = _progress_bar(cfg, ctx.rank, steps_per_epoch, first_step, epoch)
+    groups = _micro_batch_groups(raise_worker_errors_cleanly(loader), accumulate, ctx, state)
+    for step_index, micro_batches in enumerate(itertools.islice(groups, max(0, steps_per_epoch - first_step)),
+                                               start=first_step):
+        losses, total, grad_norm = accumulated_step(parts.train_model, parts.criterion, micro_batches,
+                                                    parts.optimizer, cfg.optim.clip_max_norm, cfg.runtime.amp,
+                                                    parts.scaler)
         state.step += 1
+        parts.scheduler.after_step()
         if faults.is_nonfinite(total, grad_norm, parts.scaler is not None):
-            report = faults.nonfinite_report(epoch, state.step, targets, losses, total, grad_norm)
-            ctx.nonfinite.handle(report, state, logger)
+            targets = [t for _, batch_targets in micro_batches for t in batch_targets]
+            ctx.nonfinite.handle(faults.nonfinite_report(epoch, state.step, targets, losses, total, grad_norm),
+                                 state, logger)
         else:
             if parts.ema is not None:
                 parts.ema.update_parameters(parts.model)
@@ -113,10 +115,10 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.3f}")
-            if state.step % cfg.runtime.log_every == 0 or batch_index == steps_per_epoch - 1:
-                _log_step(logger, parts.optimizer, state.step, epoch, batch_index, steps_per_epoch, losses, total,
+            if state.step % cfg.runtime.log_every == 0 or step_index == steps_per_epoch - 1:
+                _log_step(logger, parts.optimizer, state.step, epoch, step_index, steps_per_epoch, losses, total,
                           grad_norm, console=bar is None)
-        state.epoch, state.batches_done = epoch, batch_index + 1
+        state.epoch, state.batches_done = epoch, (step_index + 1) * accumulate
         if ctx.stopper.requested(ctx.device):
             result.stopped = True
             break
@@ -126,6 +128,30 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
         state.epoch, state.batches_done = epoch, 0
     result.seconds = time.time() - start
     return result
+
+
+def optimizer_steps_per_epoch(micro_batches: int, cfg: Config) -> int:
+    """Optimizer steps in an epoch of ``micro_batches`` loader batches (runtime.max_steps_per_epoch caps it)."""
+    steps = micro_batches // cfg.optim.accumulate_steps
+    if cfg.runtime.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.runtime.max_steps_per_epoch)
+    return steps
+
+
+def _micro_batch_groups(batches: Iterable, accumulate: int, ctx: LoopContext,
+                        state: TrainState) -> Iterator[list[Batch]]:
+    """Groups of ``accumulate`` micro-batches on the device; images skipped by
+    data.on_bad_sample=skip are counted and reported on the way."""
+    group: list[Batch] = []
+    for images, targets in batches:
+        for _, reason in skipped_in(targets):
+            state.skipped_images += 1
+            ctx.logger.console(f"warning: skipped unreadable image (data.on_bad_sample=skip): {reason}")
+        group.append(([image.to(ctx.device, non_blocking=True) for image in images],
+                      move_targets(targets, ctx.device)))
+        if len(group) == accumulate:
+            yield group
+            group = []
 
 
 def _progress_bar(cfg: Config, rank: int, total: int, initial: int, epoch: int) -> tqdm | None:

@@ -1,7 +1,10 @@
-"""Official optimiser set-up: AdamW with three parameter groups and StepLR."""
+"""Optimiser and learning-rate schedule: the official AdamW with three parameter
+groups and StepLR, plus multi-step / cosine schedules with linear warm-up."""
 from __future__ import annotations
 
-from typing import Sequence
+import bisect
+import math
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -33,15 +36,75 @@ def build_param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_backb
     ]
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    groups = build_param_groups(model, optim_cfg.lr, optim_cfg.lr_backbone, optim_cfg.lr_backbone_names,
-                                optim_cfg.lr_linear_proj_names, optim_cfg.lr_linear_proj_mult)
+def build_optimizer(model: nn.Module, optim_cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW over the official parameter groups; ``lr_scale`` multiplies every
+    learning rate (``optim.auto_scale_lr``, see ``lr_scale_for``)."""
+    groups = build_param_groups(model, optim_cfg.lr * lr_scale, optim_cfg.lr_backbone * lr_scale,
+                                optim_cfg.lr_backbone_names, optim_cfg.lr_linear_proj_names,
+                                optim_cfg.lr_linear_proj_mult)
     # The fused kernel (CPU and CUDA) is the same update as the loop, several times faster on CPU.
     devices = {p.device.type for g in groups for p in g["params"]}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr * lr_scale, weight_decay=optim_cfg.weight_decay,
+                             fused=fused or None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg) -> torch.optim.lr_scheduler.LRScheduler:
-    """StepLR(lr_drop): x0.1 after ``lr_drop`` epochs, stepped once per epoch."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, optim_cfg.lr_drop, gamma=0.1)
+REFERENCE_TOTAL_BATCH = 32  # the official recipe: 8 GPUs x 4 images
+
+
+def lr_scale_for(optim_cfg, world_size: int) -> float:
+    """optim.auto_scale_lr (ours, not official): the linear scaling rule relative to
+    the official total batch of 32; 1 when off."""
+    if not optim_cfg.auto_scale_lr:
+        return 1.0
+    return optim_cfg.batch_size * optim_cfg.accumulate_steps * world_size / REFERENCE_TOTAL_BATCH
+
+
+class LRSchedule:
+    """The learning-rate schedule of a run, stepped by the training loop after
+    every optimizer step (``after_step``) and every epoch (``after_epoch``); only
+    one of the two moves it.
+
+    ``optim.scheduler=step`` without warm-up is the official StepLR stepped per
+    epoch (and its checkpoints' scheduler state); every other choice is a
+    per-step LambdaLR whose factor is warm-up x schedule. Resuming loads the
+    state into the same schedule, so the curve continues exactly.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int) -> None:
+        self.per_step = not (optim_cfg.scheduler == "step" and optim_cfg.warmup_steps == 0)
+        if self.per_step:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, optim_cfg, max(1, steps_per_epoch)))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim_cfg.lr_drop, gamma=optim_cfg.gamma)
+
+    def after_step(self) -> None:
+        if self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self) -> None:
+        if not self.per_step:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def lr_factor(step: int, optim_cfg, steps_per_epoch: int) -> float:
+    """The learning rate at optimizer step ``step`` (from 0) over the initial one."""
+    if optim_cfg.scheduler == "step":
+        factor = optim_cfg.gamma ** (step // (optim_cfg.lr_drop * steps_per_epoch))
+    elif optim_cfg.scheduler == "multistep":
+        drops = bisect.bisect_right([m * steps_per_epoch for m in optim_cfg.milestones], step)
+        factor = optim_cfg.gamma ** drops
+    else:  # cosine from 1 down to min_lr_ratio over the whole run
+        total = optim_cfg.epochs * steps_per_epoch
+        progress = min(step, total) / total
+        factor = optim_cfg.min_lr_ratio + (1 - optim_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < optim_cfg.warmup_steps:
+        factor *= optim_cfg.warmup_factor + (1 - optim_cfg.warmup_factor) * step / optim_cfg.warmup_steps
+    return factor

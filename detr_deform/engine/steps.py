@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from detr_deform.data.coco import raise_worker_errors_cleanly
 from detr_deform.engine.coco_eval import detections_to_coco, evaluate_coco, gather_detections
+from detr_deform.models.criterion import box_normalizer
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -24,31 +25,53 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+Batch = tuple[list[torch.Tensor], list[dict]]
+
+
 def train_step(model: nn.Module, criterion: nn.Module, images: list[torch.Tensor], targets: list[dict],
                optimizer: torch.optim.Optimizer, clip_max_norm: float, amp: str = "off",
                scaler: torch.amp.GradScaler | None = None) -> tuple[dict[str, float], float, torch.Tensor]:
-    """Forward, weighted loss, backward, clip, step. Returns (loss terms as floats,
-    total weighted loss, gradient norm). Matcher and losses run in float32."""
-    device = images[0].device
-    with autocast_context(device, amp):
-        outputs = model(images)
-    loss_dict = criterion(outputs, targets)
+    """One optimizer step on one batch; see ``accumulated_step``."""
+    return accumulated_step(model, criterion, [(images, targets)], optimizer, clip_max_norm, amp, scaler)
+
+
+def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequence[Batch],
+                     optimizer: torch.optim.Optimizer, clip_max_norm: float, amp: str = "off",
+                     scaler: torch.amp.GradScaler | None = None) -> tuple[dict[str, float], float, torch.Tensor]:
+    """One optimizer step on K micro-batches, exactly the step of one batch holding
+    them all: every micro-batch's losses are normalised by the target boxes of the
+    whole effective batch (all micro-batches, all ranks), gradients are summed,
+    DDP synchronises only on the last backward (``no_sync`` before), and clipping
+    acts once on the accumulated gradient. Returns (loss terms as floats — the
+    ``loss_*`` terms summed over micro-batches, the logged errors averaged —,
+    total weighted loss, gradient norm). Matcher and losses run in float32.
+    A non-finite loss or gradient skips the update (the caller decides what next)."""
+    device = micro_batches[0][0][0].device
+    num_boxes = box_normalizer(sum(len(t["labels"]) for _, targets in micro_batches for t in targets), device)
     weights = criterion.weight_dict
-    total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
     optimizer.zero_grad(set_to_none=True)
+    terms: list[dict[str, float]] = []
+    total_value = 0.0
+    for index, (images, targets) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast_context(device, amp):
+                outputs = model(images)
+            loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+            total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+            (scaler.scale(total) if scaler is not None else total).backward()
+        terms.append({k: float(v.detach()) for k, v in loss_dict.items()})
+        total_value += float(total.detach())
     if scaler is not None:
-        scaler.scale(total).backward()
         scaler.unscale_(optimizer)
-    else:
-        total.backward()
     parameters = [p for g in optimizer.param_groups for p in g["params"]]
     if clip_max_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_max_norm)
     else:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.detach().norm() for p in parameters if p.grad is not None]))
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-    total_value = float(total.detach())
+    values = _combine(terms)
     if not math.isfinite(total_value) or not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -60,6 +83,14 @@ def train_step(model: nn.Module, criterion: nn.Module, images: list[torch.Tensor
     else:
         optimizer.step()
     return values, total_value, grad_norm
+
+
+def _combine(terms: list[dict[str, float]]) -> dict[str, float]:
+    """Loss terms of the micro-batches as those of one batch: the normalised
+    ``loss_*`` terms add up, the logged errors (class_error, cardinality_error) average."""
+    if len(terms) == 1:
+        return terms[0]
+    return {k: sum(t[k] for t in terms) / (1 if k.startswith("loss") else len(terms)) for k in terms[0]}
 
 
 @torch.no_grad()

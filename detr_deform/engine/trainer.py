@@ -17,8 +17,9 @@ from detr_deform.engine import distributed, faults
 from detr_deform.engine.checkpointing import (TrainingParts, gather_rng_states, resume_training, save_on_failure,
                                               save_training_checkpoint)
 from detr_deform.engine.coco_eval import format_metrics_table
-from detr_deform.engine.loop import EpochResult, LoopContext, NonFinitePolicy, train_one_epoch
-from detr_deform.engine.optim import build_optimizer, build_scheduler
+from detr_deform.engine.loop import (EpochResult, LoopContext, NonFinitePolicy, optimizer_steps_per_epoch,
+                                     train_one_epoch)
+from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
 from detr_deform.engine.run import ResolvedRun, resolve_data_root, resolve_run
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
 from detr_deform.engine.state import TrainState, seed_everything
@@ -50,15 +51,16 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
     logger = RunLogger(run.run_dir, dist_info.is_main)
     logger.console(f"run directory: {run.run_dir} | world size {dist_info.world_size} | device {dist_info.device}")
 
-    parts = build_training(cfg, run.model_config(cfg), dist_info, logger)
+    loaders = build_loaders(cfg, train_set, val_set, dist_info.rank, dist_info.world_size,
+                            pin_memory=dist_info.device.type == "cuda")
+    steps_per_epoch = optimizer_steps_per_epoch(len(loaders.train), cfg)
+    parts = build_training(cfg, run.model_config(cfg), dist_info, steps_per_epoch, logger)
     state = TrainState()
     if run.resume_path is not None:
         state = resume_training(run.resume_path, parts, dist_info.rank)
         where = f"epoch {state.next_epoch}" + (f", batch {state.batches_done}" if state.batches_done else "")
         logger.console(f"resumed from {run.resume_path} at {where} (step {state.step})")
     _start_run_files(run, cfg, logger)
-    loaders = build_loaders(cfg, train_set, val_set, dist_info.rank, dist_info.world_size,
-                            pin_memory=dist_info.device.type == "cuda")
     nonfinite = NonFinitePolicy(cfg.runtime.on_nonfinite, cfg.runtime.max_nonfinite_skips, run.run_dir,
                                 dist_info.is_main)
     ctx = LoopContext(cfg, dist_info.device, dist_info.rank, logger, stopper, nonfinite)
@@ -72,7 +74,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
                 f"stopped by {stopper.signal_name} at epoch {epoch}, step {state.step}; checkpoint written to "
                 f"{run.run_dir / 'checkpoint_last.pth'}. Continue with: python tools/train.py <same arguments> "
                 f"runtime.output_dir={run.run_dir} runtime.resume=auto", stopper.exit_code)
-        parts.scheduler.step()
+        parts.scheduler.after_epoch()
         _log_epoch(logger, state, epoch, result, dist_info.device)
         if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch == cfg.optim.epochs - 1:
             try:
@@ -87,10 +89,10 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
     return _finish(run, state, logger, dist_info.is_main)
 
 
-def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.DistInfo,
+def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.DistInfo, steps_per_epoch: int,
                    logger: RunLogger) -> TrainingParts:
     """Model (+ runtime.init_from weights, SyncBatchNorm, DDP), criterion,
-    post-processor, optimizer, scheduler, fp16 scaler and EMA of a run."""
+    post-processor, optimizer, learning-rate schedule, fp16 scaler and EMA of a run."""
     device = dist_info.device
     model = build_model(model_cfg).to(device)
     if cfg.runtime.init_from:
@@ -99,7 +101,11 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
                        f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
     if dist_info.distributed and model_cfg.backbone_norm == "sync_bn":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    lr_scale = lr_scale_for(cfg.optim, dist_info.world_size)
+    if lr_scale != 1.0:
+        logger.console(f"optim.auto_scale_lr: learning rates x {lr_scale:g} (effective batch "
+                       f"{cfg.optim.batch_size * cfg.optim.accumulate_steps * dist_info.world_size} / 32)")
+    optimizer = build_optimizer(model, cfg.optim, lr_scale)
     ema = None
     if cfg.runtime.ema:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.runtime.ema_decay), use_buffers=True)
@@ -110,7 +116,7 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
     return TrainingParts(
         model=model, train_model=train_model, criterion=build_criterion(model_cfg),
         postprocessor=build_postprocessor(model_cfg), optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.optim),
+        scheduler=LRSchedule(optimizer, cfg.optim, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if cfg.runtime.amp == "fp16" else None, ema=ema)
 
 

@@ -13,10 +13,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from detr_deform.checkpoint import CheckpointError, read_checkpoint, state_dict_of
+from detr_deform.models.config import BACKBONE_NORMS, RESNET_BACKBONES
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
 
 
 def _norm_layer(norm: str):
@@ -27,7 +26,7 @@ def _norm_layer(norm: str):
         return nn.BatchNorm2d
     if norm == "gn":
         return lambda channels: nn.GroupNorm(32, channels)
-    raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"backbone norm must be one of {BACKBONE_NORMS}, got {norm!r}")
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -52,8 +51,8 @@ class ResNetBackbone(nn.Module):
                  dilation: bool = False, norm: str = "frozen_bn", freeze_stem_and_layer1: bool = True,
                  pretrained: str | None = None) -> None:
         super().__init__()
-        if name not in RESNETS:
-            raise ValueError(f"backbone must be one of {RESNETS} or dat_tiny/dat_small/dat_base, got {name!r}")
+        if name not in RESNET_BACKBONES:
+            raise ValueError(f"ResNetBackbone: name must be one of {RESNET_BACKBONES}, got {name!r}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
         weights = "DEFAULT" if pretrained == "torchvision" else None

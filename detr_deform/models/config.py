@@ -7,59 +7,69 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from detr_deform.utils.fields import bounded, check_fields, choice
+
+
+RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+DAT_BACKBONES = ("dat_tiny", "dat_small", "dat_base")
+BACKBONE_NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+
 
 @dataclass
 class ModelConfig:
     # Backbone (official names)
-    backbone: str = "resnet50"
+    backbone: str = choice(RESNET_BACKBONES + DAT_BACKBONES, default="resnet50")
     dilation: bool = False
-    position_embedding: str = "sine"
-    position_embedding_scale: float = 2 * math.pi
-    num_feature_levels: int = 4
+    position_embedding: str = choice(("sine", "learned", "v2", "v3"), default="sine")  # v2 = sine, v3 = learned (official)
+    position_embedding_scale: float = bounded(2 * math.pi, gt=0)
+    num_feature_levels: int = bounded(4, ge=1)
     # Backbone (ours)
-    backbone_norm: str = "frozen_bn"          # frozen_bn | bn | sync_bn | gn
+    backbone_norm: str = choice(BACKBONE_NORMS, default="frozen_bn")
     train_backbone: bool = True               # official: lr_backbone > 0
     freeze_stem_and_layer1: bool = True
     pretrained_backbone: str | None = None    # local .pth, "torchvision" (online), or None
     # DAT backbones (backbone=dat_tiny|dat_small|dat_base)
     backbone_out_indices: list[int] | None = None    # DAT stages fed to the transformer; None: 1,2,3 (or 3)
-    backbone_drop_path_rate: float | None = None     # None: the preset's (0.2 / 0.3 / 0.5)
+    backbone_drop_path_rate: float | None = bounded(None, ge=0, lt=1)  # None: the preset's (0.2 / 0.3 / 0.5)
     backbone_grad_checkpointing: bool = False        # recompute DAT blocks in backward (memory)
     dat_kwargs: dict[str, Any] = field(default_factory=dict)  # DAT constructor overrides (official key names)
     # Transformer
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    hidden_dim: int = 256
-    dropout: float = 0.1
-    nheads: int = 8
-    num_queries: int = 300
-    dec_n_points: int = 4
-    enc_n_points: int = 4
-    activation: str = "relu"
-    attn_impl: str = "auto"                   # auto | cpp | pytorch
+    enc_layers: int = bounded(6, ge=1)
+    dec_layers: int = bounded(6, ge=1)
+    dim_feedforward: int = bounded(1024, ge=1)
+    hidden_dim: int = bounded(256, ge=32)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    nheads: int = bounded(8, ge=1)
+    num_queries: int = bounded(300, ge=1)
+    dec_n_points: int = bounded(4, ge=1)
+    enc_n_points: int = bounded(4, ge=1)
+    activation: str = choice(("relu", "gelu"), default="relu")
+    attn_impl: str = choice(("auto", "cpp", "pytorch"), default="auto")
     # Variants
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
     # Classes: max category id + 1 (COCO: 91), no background logit. None: read
     # from the dataset by the training tools; build_model needs a value.
-    num_classes: int | None = None
+    num_classes: int | None = bounded(None, ge=1)
     # Matcher
-    set_cost_class: float = 2.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
+    set_cost_class: float = bounded(2.0, ge=0)
+    set_cost_bbox: float = bounded(5.0, ge=0)
+    set_cost_giou: float = bounded(2.0, ge=0)
     # Loss
-    cls_loss_coef: float = 2.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
-    focal_alpha: float = 0.25
+    cls_loss_coef: float = bounded(2.0, ge=0)
+    bbox_loss_coef: float = bounded(5.0, ge=0)
+    giou_loss_coef: float = bounded(2.0, ge=0)
+    focal_alpha: float = bounded(0.25, ge=0, le=1)
     # Post-processing: detections kept per image (official eval: 100).
-    num_select: int = 100
+    num_select: int = bounded(100, ge=1)
     # Class-wise NMS at this IoU after the top-k (ours; official: none). For briefly trained models.
-    nms_iou: float | None = None
+    nms_iou: float | None = bounded(None, gt=0, le=1)
 
     def validate(self) -> "ModelConfig":
+        """Checks every field (type, choices, range) and the rules between them;
+        raises ValueError with one line naming the key, the value and what is allowed."""
+        check_fields(self, "model")
         if self.two_stage and not self.with_box_refine:
             raise ValueError(
                 "model.two_stage=true requires model.with_box_refine=true (the official implementation supports "
@@ -69,17 +79,28 @@ class ModelConfig:
             raise ValueError(f"model.hidden_dim={self.hidden_dim} must be divisible by model.nheads={self.nheads}")
         if self.hidden_dim % 32 != 0:
             raise ValueError(f"model.hidden_dim={self.hidden_dim} must be a multiple of 32 (GroupNorm(32) projections)")
-        if self.num_feature_levels < 1:
-            raise ValueError(f"model.num_feature_levels must be >= 1, got {self.num_feature_levels}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
-        if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"model.nms_iou must be in (0, 1] or null, got {self.nms_iou}")
-        if self.backbone.startswith("dat") and self.dilation:
-            raise ValueError("model.dilation (DC5) applies to ResNet backbones only, not to DAT")
-        if self.attn_impl not in ("auto", "cpp", "pytorch"):
-            raise ValueError(f"model.attn_impl must be auto, cpp or pytorch, got {self.attn_impl!r}")
+        if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
+            raise ValueError("model.set_cost_class, set_cost_bbox and set_cost_giou are all 0: the matcher needs "
+                             "at least one positive cost")
+        self._validate_backbone()
         return self
+
+    def _validate_backbone(self) -> None:
+        if self.dilation and self.backbone not in ("resnet50", "resnet101"):
+            raise ValueError(f"model.dilation=true (DC5) applies to ResNet backbones only, with Bottleneck blocks "
+                             f"(resnet50/resnet101), not model.backbone={self.backbone}")
+        if self.pretrained_backbone == "torchvision" and self.backbone_norm != "frozen_bn":
+            raise ValueError("model.pretrained_backbone=torchvision requires model.backbone_norm=frozen_bn")
+        if self.backbone in DAT_BACKBONES:
+            outputs = self.backbone_out_indices or ([1, 2, 3] if self.num_feature_levels > 1 else [3])
+            if any(i not in range(4) for i in outputs) or list(outputs) != sorted(set(outputs)):
+                raise ValueError(f"model.backbone_out_indices={outputs} must be increasing DAT stage indices in 0..3")
+        else:
+            outputs = [0, 1, 2] if self.num_feature_levels > 1 else [0]
+        if self.num_feature_levels < len(outputs):
+            raise ValueError(f"model.num_feature_levels={self.num_feature_levels} is fewer than the "
+                             f"{len(outputs)} feature maps the backbone gives (use 1 for single-scale or at least "
+                             f"{len(outputs)})")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], validate: bool = True) -> "ModelConfig":

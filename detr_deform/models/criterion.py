@@ -98,20 +98,20 @@ class SetCriterion(nn.Module):
         losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
         return losses
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         """outputs: the model's dict; targets: per image ``labels`` (T,) int64 and
-        ``boxes`` (T, 4) normalised cxcywh."""
+        ``boxes`` (T, 4) normalised cxcywh. ``num_boxes``: the normaliser of the
+        box and class losses; by default that of ``targets`` over all ranks
+        (``box_normalizer``); gradient accumulation passes that of the whole
+        effective batch."""
         device = outputs["pred_logits"].device
         # Losses in float32 even under autocast.
         with torch.autocast(device_type=device.type, enabled=False):
             outputs = _to_float(outputs)
             main = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
             indices = self.matcher(main, targets)
-            num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float,
-                                        device=device)
-            if world_size() > 1:
-                dist.all_reduce(num_boxes)
-            num_boxes = torch.clamp(num_boxes / world_size(), min=1).item()
+            if num_boxes is None:
+                num_boxes = box_normalizer(sum(len(t["labels"]) for t in targets), device)
 
             losses = self._all_losses(main, targets, indices, num_boxes, log=True)
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
@@ -125,6 +125,15 @@ class SetCriterion(nn.Module):
                                self._all_losses(outputs["enc_outputs"], bin_targets, enc_indices, num_boxes,
                                                 log=False).items()})
         return losses
+
+
+def box_normalizer(count: int, device: torch.device) -> float:
+    """The official loss normaliser: target boxes summed over all ranks, divided by
+    the world size (DDP then averages the gradients), at least 1."""
+    num_boxes = torch.as_tensor([float(count)], dtype=torch.float, device=device)
+    if world_size() > 1:
+        dist.all_reduce(num_boxes)
+    return torch.clamp(num_boxes / world_size(), min=1).item()
 
 
 def _to_float(outputs):

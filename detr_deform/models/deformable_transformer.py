@@ -21,7 +21,8 @@ def _clones(module: nn.Module, count: int) -> nn.ModuleList:
 
 
 def _activation(name: str):
-    activations = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    # The official code also lists GLU, which halves the FFN width and so cannot run there either.
+    activations = {"relu": F.relu, "gelu": F.gelu}
     if name not in activations:
         raise ValueError(f"activation must be one of {sorted(activations)}, got {name!r}")
     return activations[name]

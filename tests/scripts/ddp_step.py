@@ -1,5 +1,7 @@
 """Launched by torchrun (2 processes, gloo): one DDP training step over a global
-batch of 4 images vs one single-process step over the same 4 images."""
+batch of 4 images vs one single-process step over the same 4 images; and one
+DDP step with gradient accumulation (2 ranks x 2 micro-batches x 2 images) vs
+one single-process step over the same 8 images."""
 import json
 import sys
 from pathlib import Path
@@ -13,13 +15,12 @@ from model_helpers import tiny_config  # noqa: E402
 from detr_deform import build_criterion, build_model  # noqa: E402
 from detr_deform.config import OptimConfig  # noqa: E402
 from detr_deform.engine.optim import build_optimizer  # noqa: E402
-from detr_deform.engine.steps import train_step  # noqa: E402
+from detr_deform.engine.steps import accumulated_step, train_step  # noqa: E402
 
 
-def make_batch():
+def make_batch(counts=(2, 1, 3, 0)):
     g = torch.Generator().manual_seed(7)
-    images = [torch.randn(3, 64, 64, generator=g) for _ in range(4)]
-    counts = [2, 1, 3, 0]
+    images = [torch.randn(3, 64, 64, generator=g) for _ in counts]
     targets = []
     for count in counts:
         centres = torch.rand(count, 2, generator=g) * 0.5 + 0.25
@@ -35,6 +36,11 @@ def fresh(cfg):
     return model, build_criterion(cfg), build_optimizer(model, optim_cfg)
 
 
+def max_diff(a, b) -> float:
+    return max((p - b.state_dict()[name]).abs().max().item() for name, p in a.state_dict().items()
+               if p.is_floating_point())
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -45,18 +51,25 @@ def main(out_path: str) -> None:
     per_rank = len(images) // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     train_step(ddp, criterion, images[mine], targets[mine], optimizer, 0.1)
+
+    images8, targets8 = make_batch((2, 1, 3, 0, 1, 4, 2, 1))
+    accum_model, accum_criterion, accum_optimizer = fresh(cfg)
+    accum_ddp = torch.nn.parallel.DistributedDataParallel(accum_model)
+    start = rank * 4  # this rank's 4 images, as 2 micro-batches of 2
+    micro = [(images8[start:start + 2], targets8[start:start + 2]), (images8[start + 2:start + 4],
+                                                                       targets8[start + 2:start + 4])]
+    accumulated_step(accum_ddp, accum_criterion, micro, accum_optimizer, 0.1)
     dist.barrier()
+    dist.destroy_process_group()  # the single-process references must not all-reduce
     if rank == 0:
-        dist.destroy_process_group()  # the single-process reference must not all-reduce
         reference, ref_criterion, ref_optimizer = fresh(cfg)
         train_step(reference, ref_criterion, images, targets, ref_optimizer, 0.1)
-        diffs = {name: (p - reference.state_dict()[name]).abs().max().item()
-                 for name, p in model.state_dict().items() if p.is_floating_point()}
-        changed = max((p - fresh(cfg)[0].state_dict()[name]).abs().max().item()
-                      for name, p in reference.state_dict().items() if p.is_floating_point())
-        Path(out_path).write_text(json.dumps({"max_diff": max(diffs.values()), "max_change": changed}))
-    else:
-        dist.destroy_process_group()
+        reference8, ref8_criterion, ref8_optimizer = fresh(cfg)
+        train_step(reference8, ref8_criterion, images8, targets8, ref8_optimizer, 0.1)
+        Path(out_path).write_text(json.dumps({
+            "max_diff": max_diff(model, reference), "max_change": max_diff(reference, fresh(cfg)[0]),
+            "accumulated_max_diff": max_diff(accum_model, reference8),
+            "accumulated_max_change": max_diff(reference8, fresh(cfg)[0])}))
 
 
 if __name__ == "__main__":

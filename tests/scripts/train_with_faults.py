@@ -1,6 +1,6 @@
 """tools/train.py with faults injected from environment variables (tests only):
 
-FAULT_NAN_AT_STEPS=3,4   the criterion's loss_giou is NaN at these (1-based) training steps
+FAULT_NAN_AT_STEPS=3,4   the criterion's loss_giou is NaN at these (1-based) criterion calls (= steps without accumulation)
 FAULT_CRASH_AT_STEP=5    the process dies (exit 1) at this step ...
 FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
 FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)
@@ -34,15 +34,15 @@ CRASH_ONCE = os.environ.get("FAULT_CRASH_ONCE") == "1"
 SLEEP_S = float(os.environ.get("FAULT_SLEEP_S", "0"))
 calls = {"criterion": 0, "step": 0}
 build_criterion = trainer.build_criterion
-train_step = loop.train_step
+train_step = loop.accumulated_step
 
 
 def faulty_criterion(model_cfg):
     criterion = build_criterion(model_cfg)
     forward = criterion.forward
 
-    def corrupted(outputs, targets):
-        losses = forward(outputs, targets)
+    def corrupted(outputs, targets, **kwargs):
+        losses = forward(outputs, targets, **kwargs)
         calls["criterion"] += 1
         if calls["criterion"] in NAN_STEPS:
             losses["loss_giou"] = losses["loss_giou"] * float("nan")
@@ -67,7 +67,7 @@ def faulty_step(*args, **kwargs):
 
 
 trainer.build_criterion = faulty_criterion
-loop.train_step = faulty_step
+loop.accumulated_step = faulty_step
 torch.manual_seed(0)
 sys.argv = [str(ROOT / "tools" / "train.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "tools" / "train.py"), run_name="__main__")

@@ -1,0 +1,90 @@
+"""The command line of ``tools/train.py``: Hydra composition of ``configs/``
+with every problem as one line (before anything is created), and its usage text."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from detr_deform.config import Config, ConfigError, register_configs, validate
+from detr_deform.utils.fields import did_you_mean
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Arguments that Hydra itself handles (help, sweeps, printing the config): not pre-checked here.
+HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-m", "--multirun", "-c", "--cfg", "-i", "--info", "-p", "--package",
+               "--shell-completion", "-sc", "--run", "-r", "--resolve", "--config-path", "-cp", "--config-name",
+               "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def config_from_hydra(cfg: DictConfig) -> Config:
+    """The composed Hydra config as a validated ``Config``; keys the schema does not
+    know (added with ``+``) are refused, not silently dropped."""
+    _check_known_keys(cfg)
+    return validate(OmegaConf.to_object(cfg))
+
+
+def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> Config:
+    """What ``tools/train.py <overrides>`` would run with, or ConfigError (one line)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(_one_line(error)) from error
+    return config_from_hydra(cfg)
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """Composes and validates the overrides of a plain run (no Hydra flags) so
+    that a bad value ends with one line before Hydra starts the run."""
+    if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv if arg.startswith("-")):
+        return
+    compose_config([arg for arg in argv if not arg.startswith("hydra.")])
+
+
+def _one_line(error: Exception) -> str:
+    cause = error.__cause__
+    text = str(error).splitlines()[0].strip() if str(error).strip() else type(error).__name__
+    if isinstance(error, MissingConfigException):
+        first = str(error).splitlines()[0]
+        options = getattr(error, "options", None) or []
+        return f"{first}; available: {', '.join(options)}" if options else first
+    if isinstance(error, OverrideParseException):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and "hydra.cc" not in line]
+        return "; ".join(lines) + " (overrides are key=value, e.g. optim.lr=1e-4)"
+    if cause is not None:
+        detail = str(cause).splitlines()[0].strip()
+        key = str(getattr(cause, "full_key", "") or "")
+        if "not in" in detail and key:
+            parent, _, name = key.rpartition(".")
+            return (f"{key}: unknown key ({detail}){did_you_mean(name, _known_keys(parent))}; every key is in "
+                    f"docs/configuration.md")
+        override = text.removeprefix("Error merging override ").strip()
+        return f"{override}: {detail}"
+    return text
+
+
+def _known_keys(section: str) -> list[str]:
+    """The keys the schema declares for ``section`` ("" for the top level, "model", ...)."""
+    schema = {"": Config, **{f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}}
+    node = schema.get(section)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    top = _known_keys("")
+    for section in cfg.keys():
+        if section not in top and section != "hydra":
+            raise ConfigError(f"{section}: unknown top-level key{did_you_mean(str(section), top)}; every key is in "
+                              f"docs/configuration.md")
+    for section in ("model", "data", "optim", "runtime"):
+        known = _known_keys(section)
+        for key in cfg.get(section, {}).keys():
+            if key not in known:
+                raise ConfigError(f"{section}.{key}: unknown key (added with +?){did_you_mean(str(key), known)}; "
+                                  f"every key is in docs/configuration.md")

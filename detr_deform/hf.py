@@ -158,8 +158,10 @@ def _config_file(path: Path) -> Path:
     if path.is_dir():
         config = path / CONFIG_NAME
         if not config.is_file():
+            files = sorted(p.name for p in path.glob("*.pth"))
+            hint = f"; for our or official checkpoints pass the file itself, e.g. {files[0]}" if files else ""
             raise CheckpointError(f"{path}: no {CONFIG_NAME} in this folder; a Hugging Face checkpoint is the folder "
-                                  f"that save_pretrained writes ({CONFIG_NAME} + {WEIGHTS_NAME})")
+                                  f"that save_pretrained writes ({CONFIG_NAME} + {WEIGHTS_NAME}){hint}")
         return config
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -270,7 +272,7 @@ def _backbone_from_hf(config: Mapping[str, Any], source: str) -> tuple[str, bool
             kind = sub.get("model_type") if isinstance(sub, dict) else sub
             raise _refuse(source, "backbone_config.model_type", kind,
                           "only timm ResNet backbones (timm_backbone) are supported, not transformers' own backbones")
-        field, name = "backbone_config.backbone", sub.get("backbone")
+        prefix, field, name = "backbone_config.", "backbone_config.backbone", sub.get("backbone")
         out_indices, stride, channels = sub.get("out_indices"), sub.get("output_stride"), sub.get("num_channels", 3)
         dilation = stride == 16  # 5.x builds the backbone from backbone_config alone
     else:
@@ -278,7 +280,7 @@ def _backbone_from_hf(config: Mapping[str, Any], source: str) -> tuple[str, bool
             raise _refuse(source, "use_timm_backbone", config.get("use_timm_backbone"),
                           "only timm ResNet backbones are supported (and no backbone_config is given)")
         kwargs = config.get("backbone_kwargs") or {}
-        field, name = "backbone", config.get("backbone", "resnet50")
+        prefix, field, name = "backbone_kwargs.", "backbone", config.get("backbone", "resnet50")
         out_indices, stride = kwargs.get("out_indices"), kwargs.get("output_stride")
         channels = config.get("num_channels", 3)
         dilation = bool(config.get("dilation") or False) or stride == 16
@@ -287,14 +289,15 @@ def _backbone_from_hf(config: Mapping[str, Any], source: str) -> tuple[str, bool
     if arch not in TIMM_RESNETS:
         raise _refuse(source, field, name, f"the backbones are timm {', '.join(TIMM_RESNETS)}")
     if stride not in (None, 32, 16):
-        raise _refuse(source, "output_stride", stride, "only 32 (default) or 16 (dilation, DC5)")
+        raise _refuse(source, prefix + "output_stride", stride, "only 32 (default) or 16 (dilation, DC5)")
     levels = _field(config, "num_feature_levels", int, source)
     expected = [2, 3, 4] if levels > 1 else [4]
     if out_indices is not None and list(out_indices) != expected:
-        raise _refuse(source, "out_indices", out_indices, f"with num_feature_levels={levels} the backbone must "
-                                                          f"return stages {expected}")
+        raise _refuse(source, prefix + "out_indices", out_indices,
+                      f"with num_feature_levels={levels} the backbone must return stages {expected}")
     if channels != 3:
-        raise _refuse(source, "num_channels", channels, "RGB images (3 channels) only")
+        raise _refuse(source, "backbone_config.num_channels" if prefix == "backbone_config." else "num_channels",
+                      channels, "RGB images (3 channels) only")
     return arch, bool(dilation)
 
 

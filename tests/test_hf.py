@@ -22,7 +22,7 @@ from transformers.models.deformable_detr.image_processing_deformable_detr import
 from transformers.utils import logging as hf_logging
 
 from detr_deform import CheckpointError, build_model, init_from, load_model, save_hf
-from detr_deform.hf import config_from_hf, read_hf
+from detr_deform.hf import config_from_hf, read_hf, state_dict_to_hf
 from detr_deform.layers import MSDeformAttn
 from detr_deform.loading import read_content
 from model_helpers import tiny_config
@@ -191,6 +191,27 @@ def test_save_hf_loads_in_transformers_with_our_outputs(tmp_path, variant):
     assert all(torch.equal(original[k], back[k]) for k in original)
 
 
+@pytest.mark.parametrize("variant", ["box_refine", "two_stage"])
+def test_hub_style_file_with_every_head_copy(tmp_path, variant):
+    """The hub's SenseTime files come from transformers' conversion script, which stored every
+    head copy of the official model (independent class heads with box refinement) under the
+    default tie_word_embeddings=true: transformers then keeps the differing copies (with a
+    warning) and so do we."""
+    cfg = tiny_config(**OUR_VARIANTS[variant])
+    torch.manual_seed(4)
+    model = build_model(cfg).eval()
+    perturb(model, seed=2)
+    save_hf(model, cfg, tmp_path, class_names=LABELS)
+    every_copy = state_dict_to_hf(model.state_dict(), cfg, tie_weights=False)
+    save_file({k: v.clone() for k, v in every_copy.items()}, tmp_path / "model.safetensors")
+    edit_config(tmp_path, tie_word_embeddings=True)
+    hf = DeformableDetrForObjectDetection.from_pretrained(tmp_path, disable_custom_kernels=True).eval()
+    hf.config._attn_implementation = "eager"
+    loaded, _ = load_model(tmp_path)
+    assert_outputs_close(our_outputs(loaded), hf_outputs(hf))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_compiled_operator_matches_hf(tmp_path):
     source = hf_model(with_box_refine=True, two_stage=True)
     source.save_pretrained(tmp_path)
@@ -200,7 +221,8 @@ def test_compiled_operator_matches_hf(tmp_path):
 
 def test_weight_file_forms_read_the_same(tmp_path):
     """The folder; its model.safetensors alone; a sharded save (index + shards); a 4.x-style
-    pytorch_model.bin with the tied copies present; transformers 5.x in-memory names."""
+    pytorch_model.bin with the tied copies present, whole and sharded; transformers 5.x
+    in-memory names."""
     source = hf_model(with_box_refine=True)
     source.save_pretrained(tmp_path / "folder")
     source.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
@@ -211,13 +233,20 @@ def test_weight_file_forms_read_the_same(tmp_path):
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "folder" / "config.json").read_text())
     with_copies = {**on_disk, **{f"class_embed.1.{p}": on_disk[f"class_embed.0.{p}"] for p in ("weight", "bias")}}
     torch.save(with_copies, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin_shards").mkdir()
+    (tmp_path / "bin_shards" / "config.json").write_text((tmp_path / "folder" / "config.json").read_text())
+    names = sorted(on_disk)
+    weight_map = {k: f"pytorch_model-0000{1 + (i % 2)}-of-00002.bin" for i, k in enumerate(names)}
+    for shard in set(weight_map.values()):
+        torch.save({k: on_disk[k] for k in names if weight_map[k] == shard}, tmp_path / "bin_shards" / shard)
+    (tmp_path / "bin_shards" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "memory").mkdir()
     (tmp_path / "memory" / "config.json").write_text((tmp_path / "folder" / "config.json").read_text())
     save_file({k: v.clone() for k, v in source.state_dict().items()}, tmp_path / "memory" / "model.safetensors")
 
     reference = read_hf(tmp_path / "folder")["model"]
     for path in (tmp_path / "folder" / "model.safetensors", tmp_path / "sharded", tmp_path / "bin",
-                 tmp_path / "bin" / "pytorch_model.bin", tmp_path / "memory"):
+                 tmp_path / "bin" / "pytorch_model.bin", tmp_path / "bin_shards", tmp_path / "memory"):
         state = read_content(path)["model"]
         assert state.keys() == reference.keys(), path
         assert all(torch.equal(state[k], reference[k]) for k in reference), path
@@ -284,9 +313,9 @@ def test_unusable_files_are_refused_in_one_line(tmp_path, plain_folder):
     (untied / "config.json").write_text((plain_folder / "config.json").read_text())
     edit_config(untied, tie_word_embeddings=False)
     weights = load_file(plain_folder / "model.safetensors")
-    weights.update({f"{k}.1.{p}": weights[f"{k}.0.{p}"] + 1 for k, p in (("class_embed", "weight"),
-                                                                          ("class_embed", "bias"))})
-    weights.update({k.replace("bbox_embed.0", "bbox_embed.1"): v.clone() for k, v in weights.items() if "bbox_embed.0" in k})
+    weights.update({f"class_embed.1.{p}": weights[f"class_embed.0.{p}"] + 1 for p in ("weight", "bias")})
+    weights.update({k.replace("bbox_embed.0", "bbox_embed.1"): v.clone() for k, v in weights.items()
+                    if k.startswith("bbox_embed.0")})
     save_file(weights, untied / "model.safetensors")
     cases = [
         (lone / "model.safetensors", r"needs the config.json that save_pretrained writes beside it"),
@@ -308,7 +337,8 @@ def test_init_from_hf_folder_reports_class_head_mismatch(plain_folder):
         report = init_from(target, plain_folder)
     assert any(item.startswith("class_embed.0.weight") for item in report["shape_mismatch"])
     assert "transformer.level_embed" in report["loaded"] and not report["unexpected"]
-    torch.testing.assert_close(target.transformer.level_embed, read_hf(plain_folder)["model"]["transformer.level_embed"])
+    expected = read_hf(plain_folder)["model"]["transformer.level_embed"]
+    torch.testing.assert_close(target.transformer.level_embed, expected, rtol=0, atol=0)
 
 
 def test_training_recipe_mapping():

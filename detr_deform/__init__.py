@@ -2,12 +2,14 @@
 
 Public API::
 
-    model, cfg = detr_deform.load_model(path, device="cpu")   # ours or official checkpoints, eval mode
+    model, cfg = detr_deform.load_model(path, device="cpu")   # ours, official or Hugging Face; eval mode
     criterion = detr_deform.build_criterion(cfg)              # (outputs, targets) -> unweighted losses; .weight_dict
     postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
     outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
+    detr_deform.save_hf(model, cfg, folder)                   # a transformers from_pretrained folder
 """
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.hf import save_hf
 from detr_deform.loading import init_from, load_model, save_checkpoint
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
@@ -24,4 +26,5 @@ __all__ = [
     "load_model",
     "read_checkpoint",
     "save_checkpoint",
+    "save_hf",
 ]

@@ -1,8 +1,10 @@
-"""Models from checkpoint files and back: ``load_model`` (ours or official
-model-zoo files), ``init_from`` (fine-tuning), ``save_checkpoint``.
+"""Models from checkpoint files and back: ``load_model`` (ours, official
+model-zoo files, Hugging Face folders), ``init_from`` (fine-tuning),
+``save_checkpoint``; ``read_content`` is the one entry point that reads any of them.
 
 The layer above :mod:`detr_deform.models` (it builds models) and above
-:mod:`detr_deform.checkpoint` (which only reads and writes files).
+:mod:`detr_deform.checkpoint` (which only reads and writes files) and
+:mod:`detr_deform.hf` (which reads Hugging Face folders into our layout).
 """
 from __future__ import annotations
 
@@ -16,9 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from detr_deform import hf
 from detr_deform.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of, write_checkpoint
 from detr_deform.models.build import build_model
 from detr_deform.models.config import ModelConfig
+
+
+def read_content(path: str | os.PathLike) -> Any:
+    """The content of any checkpoint we read: a Hugging Face ``save_pretrained`` folder
+    (or its weights file) converted to our layout by :func:`detr_deform.hf.read_hf`, else
+    the file as ``read_checkpoint`` reads it (ours, official). Feed it to ``model_from_content``."""
+    return hf.read_hf(path) if hf.is_hf_checkpoint(path) else read_checkpoint(path)
 
 
 def config_of(content: Any, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:
@@ -49,16 +59,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
     """Builds the model a checkpoint describes and loads its weights strictly.
 
-    Works for our checkpoints and for official model-zoo files. Returns the
-    model in eval mode on ``device`` and its ModelConfig.
+    Works for our checkpoints, official model-zoo files and Hugging Face
+    ``save_pretrained`` folders of DeformableDetrForObjectDetection (or their
+    ``.safetensors`` / ``pytorch_model.bin`` file with config.json beside it).
+    Returns the model in eval mode on ``device`` and its ModelConfig.
     """
     path = Path(path)
-    return model_from_content(read_checkpoint(path), path, device, cfg)
+    return model_from_content(read_content(path), path, device, cfg)
 
 
 def model_from_content(content: Any, path: str | os.PathLike, device: str | torch.device = "cpu",
                        cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
-    """``load_model`` for a checkpoint already read with ``read_checkpoint``."""
+    """``load_model`` for a checkpoint already read with ``read_content``."""
     path = Path(path)
     state = state_dict_of(content, path)
     if cfg is None:
@@ -90,7 +102,7 @@ def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]
     Returns {"loaded", "shape_mismatch", "missing", "unexpected"} key lists.
     """
     path = Path(path)
-    state = state_dict_of(read_checkpoint(path), path)
+    state = state_dict_of(read_content(path), path)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     report = {

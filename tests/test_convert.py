@@ -1,0 +1,114 @@
+"""tools/convert.py: official -> HF -> ours -> official, bitwise on every weight, and the
+same outputs from every file; exit statuses and one-line errors."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_deform import build_model, load_model, save_checkpoint
+from detr_deform.checkpoint import read_checkpoint
+from detr_deform.hf import read_hf
+from model_helpers import TINY, VARIANTS, tiny_config
+from test_checkpoint import official_args
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
+convert = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: extra threads only add synchronisation (and stall on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturbed_official_file(path: Path, variant: str) -> Path:
+    """An official-format file (model + official args) of a tiny model whose every weight,
+    zero bias and BatchNorm statistic is perturbed (independent heads stay independent)."""
+    torch.manual_seed(5)
+    model = build_model(tiny_config(**VARIANTS[variant]))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif b.is_floating_point():
+                b.add_(torch.randn(b.shape, generator=g) * 0.1)
+    args = official_args(**{k: v for k, v in TINY.items() if k != "num_classes"}, **VARIANTS[variant])
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
+    return path
+
+
+def outputs(path: Path) -> dict:
+    model, _ = load_model(path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model([torch.randn(3, 64, 80, generator=g), torch.randn(3, 48, 96, generator=g)])
+    return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_official_hf_ours_official_round_trip_is_bitwise(tmp_path, variant):
+    official = perturbed_official_file(tmp_path / "official.pth", variant)
+    assert convert.main([str(official), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "ours.pth"), "--to", "detr_deform"]) == 0
+    assert convert.main([str(tmp_path / "ours.pth"), str(tmp_path / "back.pth"), "--to", "official"]) == 0
+    assert convert.main([str(tmp_path / "back.pth"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+
+    source, back = read_checkpoint(official), read_checkpoint(tmp_path / "back.pth")
+    assert source["model"].keys() == back["model"].keys()
+    assert all(torch.equal(source["model"][k], back["model"][k]) for k in source["model"]), "weights changed"
+    ours = read_checkpoint(tmp_path / "ours.pth")["model"]
+    assert all(torch.equal(source["model"][k], ours[k]) for k in source["model"])
+    for name in convert.OFFICIAL_FIELDS + ("lr_backbone", "masks", "dataset_file"):
+        assert getattr(back["args"], name) == getattr(source["args"], name), name
+    first, second = read_hf(tmp_path / "hf")["model"], read_hf(tmp_path / "hf2")["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    expected = outputs(official)
+    for path in (tmp_path / "hf", tmp_path / "ours.pth", tmp_path / "back.pth", tmp_path / "hf2"):
+        got = outputs(path)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (path.name, key)
+
+
+def test_category_names_travel_and_config_fields(tmp_path, capsys):
+    cfg = tiny_config(with_box_refine=True, num_select=30, set_cost_class=1.0)
+    names = {"1": "square", "2": "circle", "4": "triangle"}
+    save_checkpoint(tmp_path / "ours.pth", build_model(cfg), cfg, category_names=names)
+    assert convert.main([str(tmp_path / "ours.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert read_hf(tmp_path / "hf")["category_names"] == names  # id 0 and 3 were "N/A" in id2label
+    assert load_model(tmp_path / "hf")[1] == cfg
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "official.pth"), "--to", "official"]) == 0
+    official = read_checkpoint(tmp_path / "official.pth")
+    assert official["category_names"] == names and official["args"].set_cost_class == 1.0
+    assert math.isclose(official["args"].position_embedding_scale, 2 * math.pi)
+    assert load_model(tmp_path / "official.pth")[1].num_select == 100  # no place for it in official args
+
+
+def test_exit_statuses_and_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as bad_format:
+        convert.main(["a.pth", "b.pth", "--to", "onnx"])
+    assert bad_format.value.code == 2
+    assert convert.main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pth"), "--to", "hf"]) == 2
+    assert "error: checkpoint not found" in capsys.readouterr().err
+    cfg = tiny_config(activation="gelu")
+    save_checkpoint(tmp_path / "gelu.pth", build_model(cfg), cfg)
+    assert convert.main([str(tmp_path / "gelu.pth"), str(tmp_path / "official.pth"), "--to", "official"]) == 1
+    err = capsys.readouterr().err
+    assert "model.activation='gelu'" in err and err.count("\n") == 1
+    assert not (tmp_path / "official.pth").exists()
+    (tmp_path / "taken.pth").write_bytes(b"x")
+    assert convert.main([str(tmp_path / "gelu.pth"), str(tmp_path / "taken.pth"), "--to", "detr_deform"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert convert.main([str(tmp_path / "gelu.pth"), str(tmp_path / "taken.pth"), "--to", "detr_deform",
+                         "--overwrite"]) == 0

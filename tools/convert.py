@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Convert a Deformable DETR checkpoint between our format, the official one and Hugging Face's.
+
+    python tools/convert.py SenseTime-deformable-detr/ r50_deformable_detr.pth --to official
+    python tools/convert.py r50_deformable_detr-checkpoint.pth hf_folder/ --to hf
+    python tools/convert.py runs/demo/<time>/checkpoint_best.pth ours.pth --to detr_deform
+
+SRC is any checkpoint ``detr_deform.load_model`` reads: ours, an official model-zoo
+file, or a transformers ``save_pretrained`` folder (or its weights file with config.json
+beside it). DST is written as
+  hf           a folder for DeformableDetrForObjectDetection.from_pretrained (config.json + model.safetensors)
+  official     {"model": state dict, "args": argparse.Namespace} as the official code saves and reads
+  detr_deform  our checkpoint (model, full configuration, category names)
+The weights are converted exactly (bitwise; the model is built and loaded strictly on the way).
+Category names travel (HF id2label <-> our category_names; official files keep them in an
+extra "category_names" entry the official code ignores). Fields a format has no place for
+fall back to their defaults (docs/tools.md). Exit status: 2 for bad input (arguments, a
+missing or unreadable SRC, an existing DST without --overwrite), 1 when SRC cannot be
+written in the requested format.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detr_deform.checkpoint import CheckpointError, write_checkpoint
+from detr_deform.hf import save_hf
+from detr_deform.loading import model_from_content, read_content, save_checkpoint
+from detr_deform.models.config import ModelConfig
+
+FORMATS = ("hf", "official", "detr_deform")
+
+# The official main.py's argument defaults, as stored in its checkpoints' "args".
+OFFICIAL_DEFAULTS: dict[str, Any] = dict(
+    lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5,
+    lr_linear_proj_names=["reference_points", "sampling_offsets"], lr_linear_proj_mult=0.1, batch_size=2,
+    weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None, clip_max_norm=0.1, sgd=False,
+    with_box_refine=False, two_stage=False, frozen_weights=None, backbone="resnet50", dilation=False,
+    position_embedding="sine", position_embedding_scale=2 * math.pi, num_feature_levels=4, enc_layers=6,
+    dec_layers=6, dim_feedforward=1024, hidden_dim=256, dropout=0.1, nheads=8, num_queries=300, dec_n_points=4,
+    enc_n_points=4, masks=False, aux_loss=True, set_cost_class=2, set_cost_bbox=5, set_cost_giou=2,
+    mask_loss_coef=1, dice_loss_coef=1, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
+    dataset_file="coco", coco_path="./data/coco", coco_panoptic_path=None, remove_difficult=False,
+    output_dir="", device="cuda", seed=42, resume="", start_epoch=0, eval=False, num_workers=2, cache_mode=False,
+)
+# ModelConfig fields that are official arguments of the same name.
+OFFICIAL_FIELDS = (
+    "backbone", "dilation", "position_embedding", "position_embedding_scale", "num_feature_levels", "enc_layers",
+    "dec_layers", "dim_feedforward", "hidden_dim", "dropout", "nheads", "num_queries", "dec_n_points",
+    "enc_n_points", "with_box_refine", "two_stage", "aux_loss", "set_cost_class", "set_cost_bbox", "set_cost_giou",
+    "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha",
+)
+OFFICIAL_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="checkpoint to read (ours, official, or a Hugging Face folder)")
+    parser.add_argument("dst", type=Path, help="file to write (official, detr_deform) or folder (hf)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="format of DST")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+    if args.src.resolve() == args.dst.resolve():
+        parser.error("SRC and DST are the same path")
+    return args
+
+
+def official_args_from(cfg: ModelConfig) -> argparse.Namespace:
+    """The official ``args`` Namespace for ``cfg``: official defaults, overridden by the
+    fields the official build reads. lr_backbone 0 freezes the backbone (train_backbone)."""
+    if cfg.backbone not in OFFICIAL_BACKBONES:
+        raise CheckpointError(f"model.backbone={cfg.backbone!r}: the official code has ResNet backbones only")
+    if cfg.activation != "relu":
+        raise CheckpointError(f"model.activation={cfg.activation!r}: the official build uses relu only")
+    if cfg.backbone_norm == "gn":
+        raise CheckpointError("model.backbone_norm='gn': the official backbone uses FrozenBatchNorm2d")
+    values = {**OFFICIAL_DEFAULTS, **{name: getattr(cfg, name) for name in OFFICIAL_FIELDS}}
+    values["lr_backbone"] = OFFICIAL_DEFAULTS["lr_backbone"] if cfg.train_backbone else 0.0
+    return argparse.Namespace(**values)
+
+
+def write_official(path: Path, model: torch.nn.Module, cfg: ModelConfig, category_names: dict | None) -> Path:
+    """``{"model", "args"}`` (+ ``category_names`` when known), written atomically."""
+    args = official_args_from(cfg)
+    # BatchNorm2d counters (backbone_norm=bn) have no place in the official FrozenBatchNorm2d.
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    content = {"model": state, "args": args}
+    if category_names:
+        content["category_names"] = dict(category_names)
+    return write_checkpoint(path, content)
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Reads SRC, builds and strictly loads its model, writes DST; the exit status."""
+    exists = args.dst.is_file() or (args.dst.is_dir() and any(args.dst.iterdir()))
+    if exists and not args.overwrite:
+        print(f"error: {args.dst} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        content = read_content(args.src)
+        model, cfg = model_from_content(content, args.src)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    names = content.get("category_names") if isinstance(content, dict) else None
+    try:
+        if args.to == "hf":
+            save_hf(model, cfg, args.dst, class_names=names)
+        elif args.to == "official":
+            write_official(args.dst, model, cfg, names)
+        else:
+            save_checkpoint(args.dst, model, cfg, **({"category_names": dict(names)} if names else {}))
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    variant = "two-stage" if cfg.two_stage else "box refinement" if cfg.with_box_refine else "plain"
+    print(f"wrote {args.dst} ({args.to}: {cfg.backbone}, {variant}, {cfg.num_feature_levels} feature level(s), "
+          f"{cfg.num_classes} classes) from {args.src}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return convert(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ presets: ``experiment=...``.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class RuntimeConfig:
     eval_every: int = bounded(1, ge=1)       # epochs
     amp: str = choice(("off", "fp16", "bf16"), default="off")
     compile: bool = False                    # torch.compile the model (training and evaluation)
+    compile_backend: str = choice(("inductor", "aot_eager", "eager"), default="inductor")  # torch.compile backend
     ema: bool = False
     ema_decay: float = bounded(0.9998, gt=0, lt=1)
     deterministic: bool = False              # deterministic kernels (+ seeded samplers/augmentations, always on)
@@ -138,6 +140,10 @@ class RuntimeConfig:
 
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
+# Choices served by an optional extra: (key, value) -> (module, extra of `pip install "detr_deform[extra]"`).
+OPTIONAL_EXTRAS = {("runtime.loggers", "mlflow"): ("mlflow", "mlflow"),
+                   ("runtime.loggers", "wandb"): ("wandb", "wandb"),
+                   ("runtime.coco_eval", "faster"): ("faster_coco_eval", "faster-coco-eval")}
 
 
 @dataclass
@@ -171,6 +177,11 @@ def validate(cfg: Config) -> Config:
     if unknown or len(set(r.loggers)) != len(r.loggers):
         raise ConfigError(f"runtime.loggers={r.loggers}: each of {', '.join(LOGGERS)} at most once"
                           + (f" ({unknown[0]!r} is not one{did_you_mean(unknown[0], LOGGERS)})" if unknown else ""))
+    for (key, value), (module, extra) in OPTIONAL_EXTRAS.items():
+        chosen = value in r.loggers if key == "runtime.loggers" else r.coco_eval == value
+        if chosen and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key} selects {value} but the {module} package is not installed: "
+                              f"pip install 'detr_deform[{extra}]'")
     for key, path in (("runtime.init_from", r.init_from), ("runtime.resume", r.resume)):
         if path and path != "auto" and not Path(path).exists():
             raise ConfigError(f"{key}: checkpoint not found: {path}")

@@ -13,6 +13,7 @@ single-process result (every image is evaluated once).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detr_deform.checkpoint import CheckpointError, read_checkpoint
-from detr_deform.loading import model_from_content
+from detr_deform.checkpoint import CheckpointError
+from detr_deform.loading import model_from_content, read_content
 from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
 from detr_deform.config import DataConfig
@@ -48,7 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, help="detections per image (default 100)")
     parser.add_argument("--output", help="metrics JSON path")
     parser.add_argument("--dump-detections", help="write detections in COCO results format here")
+    parser.add_argument("--coco-eval", choices=("pycocotools", "faster"), default="pycocotools",
+                        help="COCO evaluator: pycocotools (reference) or faster (faster-coco-eval, same metrics; "
+                             "pip install 'detr_deform[faster-coco-eval]')")
     args = parser.parse_args(argv)
+    if args.coco_eval == "faster" and importlib.util.find_spec("faster_coco_eval") is None:
+        parser.error("--coco-eval faster needs faster-coco-eval: pip install 'detr_deform[faster-coco-eval]'")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist_info = distributed.init_distributed(args.device, option="--device")
     try:
-        content = read_checkpoint(args.checkpoint)
+        content = read_content(args.checkpoint)
         saved_config = content.get("config", {}) if isinstance(content, dict) else {}
         model, cfg = model_from_content(content, args.checkpoint, device=dist_info.device)
         if args.topk:
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
             bar = tqdm(total=len(sampler), desc="evaluating")
             progress = bar.update
         metrics, detections, _ = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
-                                          progress=progress)
+                                          progress=progress, coco_eval=args.coco_eval)
         if dist_info.is_main:
             print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
             print(format_metrics_table(metrics))

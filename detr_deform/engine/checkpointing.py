@@ -20,9 +20,11 @@ from detr_deform.loading import save_checkpoint
 @dataclass
 class TrainingParts:
     """The objects a training run updates. ``train_model`` is ``model`` or its
-    DistributedDataParallel wrapper; checkpoints and evaluation use ``model``."""
+    DistributedDataParallel wrapper (compiled with runtime.compile); ``eval_model``
+    is ``model`` or the EMA weights (compiled likewise); checkpoints hold ``model``."""
     model: nn.Module
     train_model: nn.Module
+    eval_model: nn.Module
     criterion: nn.Module
     postprocessor: nn.Module
     optimizer: torch.optim.Optimizer

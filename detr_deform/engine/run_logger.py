@@ -1,5 +1,5 @@
-"""Run output on rank 0: JSON-lines log, TensorBoard events, console lines,
-and the validation pictures written to TensorBoard."""
+"""Run output on rank 0: JSON-lines log, the experiment trackers (TensorBoard,
+MLflow, W&B), console lines, and the validation pictures written to TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -10,51 +10,62 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
+from detr_deform.engine.trackers import TensorBoardTracker, Tracker, build_trackers
 from detr_deform.visualization import denormalize, detection_labels, draw_boxes
 
 
 class RunLogger:
-    """Writes ``log.jsonl`` and TensorBoard events under the run directory (rank 0
+    """Writes ``log.jsonl`` and feeds the trackers of ``runtime.loggers`` (rank 0
     only). Console lines work at once; the files are created by ``open`` (so that
     nothing is written into a run directory before the run is known to start)."""
 
     def __init__(self, run_dir: Path | None, enabled: bool) -> None:
         self.run_dir = run_dir
         self.enabled = enabled and run_dir is not None
-        self.writer: SummaryWriter | None = None
+        self.trackers: list[Tracker] = []
         self.log_file = None
 
-    def open(self) -> None:
-        if self.enabled and self.log_file is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-            self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+    def open(self, runtime, config: dict[str, Any], experiment: str) -> None:
+        """Creates the run's log files and starts the trackers (``config``: the resolved configuration)."""
+        if not self.enabled or self.log_file is not None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+        self.trackers = build_trackers(runtime, self.run_dir, config, experiment)
+
+    @property
+    def has_images(self) -> bool:
+        return any(isinstance(t, TensorBoardTracker) for t in self.trackers)
 
     def record(self, kind: str, step: int, values: dict[str, Any], tb_prefix: str | None = None) -> None:
+        """A log.jsonl entry; with ``tb_prefix`` its numbers also go to the trackers as ``prefix/key``."""
         if self.log_file is None:
             return
         entry = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
         self.log_file.write(json.dumps(entry) + "\n")
         self.log_file.flush()
         if tb_prefix is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{tb_prefix}/{key}", value, step)
+            scalars = {k: v for k, v in values.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
+            for tracker in self.trackers:
+                tracker.scalars(tb_prefix, scalars, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
+        for tracker in self.trackers:
+            tracker.image(tag, image, step)
+
+    def checkpoint(self, name: str, path: Path) -> None:
+        for tracker in self.trackers:
+            tracker.checkpoint(name, path)
 
     def console(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.log_file is not None:
             self.log_file.close()
 
@@ -64,7 +75,7 @@ def log_prediction_images(logger: RunLogger, model: nn.Module, postprocessor: nn
                           device: torch.device, step: int, category_names: dict[int, str],
                           threshold: float = 0.3) -> None:
     """The first ``count`` validation images with the detections above ``threshold``."""
-    if logger.writer is None or count <= 0:
+    if not logger.has_images or count <= 0:
         return
     model.eval()
     for index in range(min(count, len(dataset))):

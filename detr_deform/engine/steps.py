@@ -95,7 +95,8 @@ def _combine(terms: list[dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, postprocessor: nn.Module, loader: Iterable, coco_gt, device: torch.device,
-             amp: str = "off", progress=None) -> tuple[dict[str, float], list[dict], str]:
+             amp: str = "off", progress=None,
+             coco_eval: str = "pycocotools") -> tuple[dict[str, float], list[dict], str]:
     """Detections for every image of ``loader`` (distributed: gathered and
     de-duplicated), then COCO bbox metrics. Returns (metrics, detections, table)."""
     model.eval()
@@ -114,5 +115,5 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader: Iterable, coco_
         if progress is not None:
             progress(len(ids))
     entries, unique_ids = gather_detections(entries, image_ids)
-    metrics, table = evaluate_coco(coco_gt, entries, unique_ids)
+    metrics, table = evaluate_coco(coco_gt, entries, unique_ids, coco_eval)
     return metrics, entries, table

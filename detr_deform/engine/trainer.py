@@ -68,7 +68,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
     for epoch in range(state.next_epoch, cfg.optim.epochs):
         result = train_one_epoch(parts, loaders, state, epoch, ctx)
         if result.stopped:
-            _save_last(run, cfg, parts, state, val_set, dist_info)
+            _save_last(run, cfg, parts, state, val_set, dist_info, logger)
             distributed.barrier()
             raise faults.TrainingInterrupted(
                 f"stopped by {stopper.signal_name} at epoch {epoch}, step {state.step}; checkpoint written to "
@@ -84,7 +84,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
                 save_on_failure(run.run_dir / "checkpoint_last.pth", parts, state, run.saved_config(cfg),
                                 val_set.category_names, dist_info.is_main)
                 raise
-        _save_last(run, cfg, parts, state, val_set, dist_info)
+        _save_last(run, cfg, parts, state, val_set, dist_info, logger)
         distributed.barrier()
     return _finish(run, state, logger, dist_info.is_main)
 
@@ -109,12 +109,16 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
     ema = None
     if cfg.runtime.ema:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.runtime.ema_decay), use_buffers=True)
-    train_model = model
+    train_model, eval_model = model, (ema.module if ema is not None else model)
     if dist_info.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.runtime.compile:  # the operator is registered with torch.library, so Dynamo traces through it
+        backend = cfg.runtime.compile_backend
+        train_model = torch.compile(train_model, backend=backend)
+        eval_model = torch.compile(eval_model, backend=backend)
     return TrainingParts(
-        model=model, train_model=train_model, criterion=build_criterion(model_cfg),
+        model=model, train_model=train_model, eval_model=eval_model, criterion=build_criterion(model_cfg),
         postprocessor=build_postprocessor(model_cfg), optimizer=optimizer,
         scheduler=LRSchedule(optimizer, cfg.optim, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if cfg.runtime.amp == "fp16" else None, ema=ema)
@@ -123,9 +127,9 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
 def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: CocoDetection, state: TrainState,
                            epoch: int, run: ResolvedRun, cfg: Config, ctx: LoopContext) -> None:
     """COCO evaluation (of the EMA weights when EMA is on); a new best AP writes checkpoint_best.pth."""
-    eval_model = parts.ema.module if parts.ema is not None else parts.model
+    eval_model = parts.eval_model
     metrics, _, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
-                             cfg.runtime.amp)
+                             cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
     state.metrics = metrics
     ctx.logger.record("val", state.step, {"epoch": epoch, **metrics}, tb_prefix="val")
     ctx.logger.console(f"epoch {epoch}: AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} "
@@ -134,8 +138,9 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
                           state.step, val_set.category_names)
     if ctx.rank == 0 and metrics["AP"] > state.best_ap:
         state.best_ap = metrics["AP"]
-        save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
-                                 val_set.category_names)
+        path = save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
+                                        val_set.category_names)
+        ctx.logger.checkpoint("checkpoint_best", path)
 
 
 def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:
@@ -146,15 +151,16 @@ def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:
     for path in faults.remove_stale_temporaries(run.run_dir):
         logger.console(f"removed {path.name}, left by an interrupted checkpoint write")
     (run.run_dir / "config.yaml").write_text(run.config_yaml(cfg))
-    logger.open()
+    logger.open(cfg.runtime, run.saved_config(cfg), cfg.experiment)
 
 
 def _save_last(run: ResolvedRun, cfg: Config, parts: TrainingParts, state: TrainState, val_set: CocoDetection,
-               dist_info: distributed.DistInfo) -> None:
+               dist_info: distributed.DistInfo, logger: RunLogger) -> None:
     rng = gather_rng_states(dist_info.world_size)  # a collective: every rank takes part
     if dist_info.is_main:
-        save_training_checkpoint(run.run_dir / "checkpoint_last.pth", parts, state, run.saved_config(cfg),
-                                 val_set.category_names, rng)
+        path = save_training_checkpoint(run.run_dir / "checkpoint_last.pth", parts, state, run.saved_config(cfg),
+                                        val_set.category_names, rng)
+        logger.checkpoint("checkpoint_last", path)
 
 
 def _log_epoch(logger: RunLogger, state: TrainState, epoch: int, result: EpochResult, device: torch.device) -> None:

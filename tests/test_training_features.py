@@ -1,0 +1,127 @@
+"""Experiment trackers (MLflow on a SQLite database, W&B offline), both COCO
+evaluators, torch.compile against eager, and optional extras named when missing."""
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from detr_deform import build_criterion, build_model
+from detr_deform.cli import compose_config
+from detr_deform.config import ConfigError
+from detr_deform.data.coco import load_coco_json
+from detr_deform.engine.coco_eval import evaluate_coco
+from detr_deform.engine.steps import train_step
+from model_helpers import random_targets, tiny_config
+from pipeline_helpers import tiny_train_args, train
+
+
+def test_mlflow_sqlite_and_wandb_offline_receive_params_metrics_and_checkpoints(tiny_demo_root, tmp_path):
+    import mlflow  # dev extra
+    out, database = tmp_path / "run", tmp_path / "tracking.db"
+    done = train(*tiny_train_args(tiny_demo_root, out, "runtime.loggers=[tensorboard,mlflow,wandb]",
+                                  f"runtime.mlflow_tracking_uri=sqlite:///{database}", "runtime.wandb_mode=offline",
+                                  "runtime.max_eval_images=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{database}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "demo"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    params, tags = run.data.params, run.data.tags
+    assert params["model.hidden_dim"] == "64" and params["optim.batch_size"] == "2"
+    assert params["model.num_classes"] == "4"                         # resolved values, not the raw config
+    assert json.loads(params["data.train_scales"]) == [96]
+    loss_history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss_history] == [1, 2, 3, 4, 5, 6]      # every step (log_every=1)
+    assert {m.key for m in client.get_metric_history(run.info.run_id, "val/AP")} == {"val/AP"}
+    assert len(client.get_metric_history(run.info.run_id, "val/AP")) == 2   # one per epoch
+    assert "train/lr_default" in run.data.metrics and "train/loss_giou_enc" in run.data.metrics
+    assert tags["checkpoint_last"] == str(out / "checkpoint_last.pth")
+    assert tags["checkpoint_best"] == str(out / "checkpoint_best.pth")
+    assert run.info.status == "FINISHED"
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    # An offline W&B run is one record log (protobuf; `wandb sync` uploads it); its keys and values are plain bytes.
+    (records,) = wandb_run.glob("run-*.wandb")
+    logged = records.read_bytes()
+    for needle in ("train/loss", "train/loss_giou_enc", "val/AP", "hidden_dim", str(out / "checkpoint_best.pth")):
+        assert needle.encode() in logged, needle
+    ids = json.loads((out / "trackers.json").read_text())
+    assert ids["mlflow"] == run.info.run_id and ids["wandb"] in wandb_run.name
+
+
+def test_missing_tracker_or_evaluator_package_is_named_before_the_run(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlflow", "faster_coco_eval")
+                        else real(name, *a))
+    with pytest.raises(ConfigError, match=r"runtime.loggers selects mlflow .* pip install 'detr_deform\[mlflow\]'"):
+        compose_config(["experiment=demo", "runtime.loggers=[tensorboard,mlflow]"])
+    with pytest.raises(ConfigError, match=r"pip install 'detr_deform\[faster-coco-eval\]'"):
+        compose_config(["experiment=demo", "runtime.coco_eval=faster"])
+
+
+def synthetic_coco(num_images: int, seed: int = 0):
+    """Ground truth and detections (matches with noise, misses, false positives) in COCO format."""
+    rng = random.Random(seed)
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, num_images + 1)]
+    annotations, detections = [], []
+    for image in images:
+        for _ in range(rng.randint(0, 6)):
+            x, y, w, h = rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(4, 140), rng.uniform(4, 100)
+            label = rng.randint(1, 5)
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": label,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.05)})
+            if rng.random() < 0.85:
+                detections.append({"image_id": image["id"], "category_id": label if rng.random() < 0.8 else
+                                   rng.randint(1, 5), "bbox": [x + rng.gauss(0, 5), y + rng.gauss(0, 5),
+                                                               w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
+                                   "score": rng.random()})
+        for _ in range(rng.randint(0, 5)):
+            detections.append({"image_id": image["id"], "category_id": rng.randint(1, 5),
+                               "bbox": [rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(4, 140),
+                                        rng.uniform(4, 100)], "score": rng.random()})
+    content = {"images": images, "annotations": annotations,
+               "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 6)]}
+    return content, detections
+
+
+def test_faster_coco_eval_gives_the_pycocotools_metrics():
+    content, detections = synthetic_coco(200)
+    coco = load_coco_json("synthetic", content)
+    ids = [image["id"] for image in content["images"]]
+    reference, _ = evaluate_coco(coco, detections, ids, "pycocotools")
+    faster, table = evaluate_coco(coco, detections, ids, "faster")
+    assert 0.05 < reference["AP"] < 0.9 and reference["AR100"] > reference["AP"]   # a non-trivial case
+    assert "Average Precision" in table
+    # Identical up to the order of float summations (last bit).
+    assert faster == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    subset, _ = evaluate_coco(coco, detections, ids[:50], "faster")
+    assert subset == pytest.approx(evaluate_coco(coco, detections, ids[:50], "pycocotools")[0], rel=1e-12, abs=1e-15)
+
+
+def test_compiled_model_trains_and_predicts_like_eager():
+    """runtime.compile wraps the model in torch.compile (here the aot_eager backend, which traces
+    forward and backward through the registered operator the way inductor does, without the C++
+    code generation that takes minutes on 2 cores; inductor speed: docs/benchmarks.md)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(with_box_refine=True, two_stage=True, attn_impl="cpp")
+    eager = build_model(cfg)
+    compiled_source = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_source, backend="aot_eager")
+    criterion = build_criterion(cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [([torch.randn(3, 64, 80, generator=g), torch.randn(3, 72, 64, generator=g)], random_targets([2, 3]))
+               for _ in range(3)]
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.01)
+    compiled_opt = torch.optim.SGD(compiled_source.parameters(), lr=0.01)
+    for images, targets in batches:
+        a = train_step(eager, criterion, images, targets, eager_opt, 0.1)
+        b = train_step(compiled, criterion, images, targets, compiled_opt, 0.1)
+        assert b[1] == pytest.approx(a[1], rel=1e-5)
+        assert b[0]["loss_giou"] == pytest.approx(a[0]["loss_giou"], rel=1e-5)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        expected, got = eager(batches[0][0]), compiled(batches[0][0])
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=1e-4, atol=1e-5)

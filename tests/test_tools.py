@@ -6,11 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
+from detr_deform.visualization import drawing_scale
 from pipeline_helpers import PYTHON, TINY_MODEL, run
 
 
 def tool(name: str, *args, timeout: int = 300):
     return run([PYTHON, f"tools/{name}.py", *map(str, args)], timeout=timeout)
+
+
+def drawn_size(size: tuple[int, int]) -> tuple[int, int]:
+    scale = drawing_scale(*size)
+    return round(size[0] * scale), round(size[1] * scale)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,8 @@ def test_infer_writes_coco_results_and_drawn_images(checkpoint, tiny_demo_root, 
         assert entry["category_name"] == {c["id"]: c["name"] for c in index["categories"]}[entry["category_id"]]
     for entry in index["images"]:
         with Image.open(tmp_path / entry["drawn"]) as drawn, Image.open(entry["file_name"]) as source:
-            assert drawn.format == "JPEG" and drawn.size == source.size
+            # small images are enlarged before drawing so that the labels can be read
+            assert drawn.format == "JPEG" and drawn.size == drawn_size(source.size) and min(drawn.size) >= 512
     scores = [d["score"] for d in detections if d["image_id"] == 1]
     assert scores == sorted(scores, reverse=True)
 
@@ -62,12 +69,14 @@ def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root
     written = [p for p in json.loads(done.stdout.strip().splitlines()[-1])]
     assert len(written) == 3 and sum("_pixel_30_40" in p for p in written) == 1
     with Image.open(image) as source:
-        size = source.size
-        original = source.convert("RGB")
+        width, height = drawn_size(source.size)
+        original = source.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     for path in written:
         with Image.open(path) as drawn:
-            assert drawn.format == "PNG" and drawn.size == size
-            assert drawn.convert("RGB").tobytes() != original.tobytes()  # something was drawn
+            # enlarged image, a colour bar on the right (and a caption below when given)
+            assert drawn.format == "PNG" and drawn.width > width and drawn.height >= height
+            picture = drawn.convert("RGB").crop((0, 0, width, height))
+            assert picture.tobytes() != original.tobytes()  # something was drawn
     outside = tool("visualize", "attention", checkpoint, image, "--pixel", "5000,5", "--output-dir", tmp_path)
     assert outside.returncode == 2 and "outside the" in outside.stderr
 

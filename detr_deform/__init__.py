@@ -2,12 +2,16 @@
 
 Public API::
 
+    detector = detr_deform.Detector.from_pretrained(path)     # ours or official checkpoints; device="auto"
+    found = detector("photos/", threshold=0.5)                # per image (paths, folders, PIL, numpy, tensors):
+    picture = detector.draw(found[0].source, found[0])        # boxes xyxy in its pixels, scores, names; drawn
     model, cfg = detr_deform.load_model(path, device="cpu")   # ours or official checkpoints, eval mode
     criterion = detr_deform.build_criterion(cfg)              # (outputs, targets) -> unweighted losses; .weight_dict
     postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
     outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
 """
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.detector import Detector
 from detr_deform.loading import init_from, load_model, save_checkpoint
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
@@ -16,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Detector",
     "ModelConfig",
     "build_criterion",
     "build_model",

@@ -73,8 +73,8 @@ def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root
         original = source.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     for path in written:
         with Image.open(path) as drawn:
-            # enlarged image, a colour bar on the right (and a caption below when given)
-            assert drawn.format == "PNG" and drawn.width > width and drawn.height >= height
+            # enlarged image, a colour bar on the right and a caption below
+            assert drawn.format == "PNG" and drawn.width > width and drawn.height > height
             picture = drawn.convert("RGB").crop((0, 0, width, height))
             assert picture.tobytes() != original.tobytes()  # something was drawn
     outside = tool("visualize", "attention", checkpoint, image, "--pixel", "5000,5", "--output-dir", tmp_path)
@@ -83,24 +83,29 @@ def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root
 
 def test_sampling_points_match_the_model(checkpoint, tiny_demo_root):
     """The drawn points are the last decoder layer's sampling locations, in pixels."""
+    from detr_deform import Detector
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.inference import Predictor, decoder_sampling, encoder_sampling
+    from detr_deform.inference import decoder_sampling, encoder_sampling, recording_sampling
+    from detr_deform.inputs import pil_to_tensor
 
-    predictor = Predictor(checkpoint, device="cpu")
+    detector = Detector.from_pretrained(checkpoint, device="cpu")
     image = load_rgb_image(tiny_demo_root / "val2017" / "val_00003.jpg")
-    prediction = predictor.predict([image], keep_sampling=True)[0]
-    layer = predictor.model.transformer.decoder.layers[-1].cross_attn
-    query = int(prediction.queries[0])
-    sampling = decoder_sampling(predictor, prediction, query)
+    with recording_sampling(detector):
+        found = detector(image, threshold=0.0, batch_size=1)[0]
+    layer = detector.model.transformer.decoder.layers[-1].cross_attn
+    assert not layer.keep_sampling  # switched off again after the block
+    query = int(found.queries[0])
+    sampling = decoder_sampling(detector, found, query)
     heads, levels, points = layer.n_heads, layer.n_levels, layer.n_points
     assert sampling.points.shape == (heads * levels * points, 2)
+    assert (sampling.heads, sampling.num_levels, sampling.num_points) == (heads, levels, points)
     expected = layer.last_sampling_locations[0, query].reshape(-1, 2) * torch.tensor([image.width, image.height])
     assert torch.allclose(sampling.points, expected)
     assert torch.allclose(sampling.weights.view(heads, -1).sum(-1), torch.ones(heads), atol=1e-5)
     # The top detection is the query with the highest class probability.
-    logits = predictor.model([predictor.preprocess(image)])["pred_logits"][0]
+    logits = detector.model([detector.preprocess(pil_to_tensor(image))])["pred_logits"][0]
     assert int(logits.sigmoid().max(-1).values.argmax()) == query
-    encoder = encoder_sampling(predictor, prediction, 0, 0)
+    encoder = encoder_sampling(detector, found, 0, 0)
     assert encoder.points.shape[0] == heads * levels * points
     assert (encoder.reference < torch.tensor([image.width, image.height]) / 4).all()
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.inference import Predictor, collect_images
-from detr_deform.visualization import detection_labels, draw_boxes, save_image, to_uint8
+from detr_deform.detector import Detector
+from detr_deform.inputs import collect_images
+from detr_deform.utils.device import DeviceError, resolve_device
+from detr_deform.visualization import save_image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +59,8 @@ def drawn_name(path: Path, index: int, used: set[str], suffix: str) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     paths = collect_images(args.inputs)
-    predictor = Predictor(args.checkpoint, args.device, args.val_size, args.max_size, args.topk)
+    detector = Detector.from_pretrained(args.checkpoint, resolve_device(args.device, option="--device"),
+                                        args.val_size, args.max_size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     detections, images, skipped, used = [], [], [], set()
     bar = None
@@ -76,22 +79,16 @@ def run(args: argparse.Namespace) -> dict:
                     raise
                 skipped.append(str(path))
                 print(f"warning: skipped {error}", file=sys.stderr)
-        predictions = predictor.predict(batch_images) if batch_images else []
-        for path, image, prediction in zip(batch_paths, batch_images, predictions):
+        found = detector(batch_images, threshold=args.threshold, topk=args.topk,
+                         batch_size=len(batch_images)) if batch_images else []
+        for path, image, detections_of_image in zip(batch_paths, batch_images, found):
             image_id = len(images) + 1
-            keep = prediction.scores >= args.threshold
-            boxes, scores, labels = prediction.boxes[keep], prediction.scores[keep], prediction.labels[keep]
             entry = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height}
-            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-                x0, y0, x1, y1 = box
-                detections.append({"image_id": image_id, "file_name": str(path), "category_id": int(label),
-                                   "category_name": predictor.name(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                   "score": score})
+            detections.extend({"image_id": image_id, "file_name": str(path), **record}
+                              for record in detections_of_image.records())
             if args.draw:
-                drawn = draw_boxes(to_uint8(image), boxes, detection_labels(scores, labels, predictor.category_names),
-                                   labels.tolist(), width=max(2, round(max(image.size) / 400)))
                 name = drawn_name(path, image_id, used, args.format)
-                save_image(drawn, args.output_dir / name)
+                save_image(detector.draw(image, detections_of_image), args.output_dir / name)
                 entry["drawn"] = name
             images.append(entry)
         if bar is not None:
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     if bar is not None:
         bar.close()
     (args.output_dir / "detections.json").write_text(json.dumps(detections))
-    categories = [{"id": k, "name": v} for k, v in sorted(predictor.category_names.items())]
+    categories = [{"id": k, "name": v} for k, v in sorted(detector.category_names.items())]
     (args.output_dir / "images.json").write_text(json.dumps({"images": images, "categories": categories,
                                                              "skipped": skipped}, indent=1))
     print(f"{len(images)} images, {len(detections)} detections with score >= {args.threshold} -> "
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+    except (CheckpointError, DatasetError, DeviceError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

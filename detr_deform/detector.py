@@ -90,7 +90,7 @@ class Detector:
         checkpoint's validation sizes. Raises CheckpointError (unusable file) or
         DeviceError (no such device) with a one-line message."""
         device = resolve_device(str(device), option="device")  # before reading a large file
-        path = Path(path)
+        path = Path(path).expanduser()
         content = read_checkpoint(path)  # the one place the file is read
         model, cfg = model_from_content(content, path, device)
         saved = content.get("config", {}) if isinstance(content, dict) else {}

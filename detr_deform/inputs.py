@@ -4,9 +4,9 @@ Every input becomes one or more :class:`ImageInput` (a name for messages and a
 loader), checked when the inputs are listed — so a bad item of a long list fails
 at once, naming it — and decoded only when its batch runs:
 
-- ``str`` / ``os.PathLike``: an image file (any PIL mode, EXIF orientation
-  applied, via :func:`detr_deform.data.images.load_rgb_image`) or a folder (its
-  image files, sorted by name, not recursive). A video file is refused with a
+- ``str`` / ``os.PathLike`` (``~`` expanded): an image file (any PIL mode, EXIF
+  orientation applied, via :func:`detr_deform.data.images.load_rgb_image`) or a
+  folder (its image files, sorted by name, not recursive). A video file is refused with a
   pointer to :func:`detr_deform.video.detect_video` and ``tools/infer.py``.
 - ``PIL.Image.Image``: any mode (RGB, RGBA, L, LA, P, CMYK, YCbCr, 16-bit, 32-bit,
   float), EXIF orientation applied (images from ``Image.open`` keep it).
@@ -71,7 +71,7 @@ def image_inputs(inputs: Inputs) -> list[ImageInput]:
 
 def _expand(item: Any, name: str) -> list[ImageInput]:
     if isinstance(item, (str, os.PathLike)):
-        return _path_inputs(Path(item))
+        return _path_inputs(Path(item).expanduser())
     if isinstance(item, Image.Image):
         return [ImageInput(name, lambda: pil_to_tensor(item))]
     if isinstance(item, np.ndarray):

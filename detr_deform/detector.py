@@ -28,7 +28,7 @@ from detr_deform.models.build import build_postprocessor
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.postprocess import PostProcess
 from detr_deform.utils.device import resolve_device
-from detr_deform.visualization import draw_detections
+from detr_deform.visualization import MIN_SIDE, draw_detections
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Detector:
     def category_name(self, label: int) -> str:
         return self.category_names.get(int(label), str(int(label)))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors would refuse in-place edits by the caller
     def __call__(self, inputs: Inputs, threshold: float = 0.5, topk: int = 100,
                  batch_size: int = 8) -> list[Detections]:
         """Detections for each image of ``inputs`` (a path, a folder, a PIL image, a
@@ -131,7 +131,7 @@ class Detector:
         """(3, H, W) uint8 or float (0-1) image -> normalised (3, h, w) float32 at the
         network input size, on the model's device."""
         height, width = official_resize_size(image.shape[-2], image.shape[-1], self.val_size, self.max_size)
-        # uint8 is resized as uint8, like the validation transforms resize PIL images (to within one grey level)
+        # uint8 is resized as uint8, as the validation transforms resize PIL images (the same pixels in the tests)
         image = F.resize(image.to(self.device), [height, width], antialias=True)
         return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
@@ -151,7 +151,7 @@ class Detector:
                                     height=int(image.shape[-2]), source=source))
         return found
 
-    def draw(self, image: ImageLike, detections: Detections, min_side: int = 512) -> Image.Image:
+    def draw(self, image: ImageLike, detections: Detections, min_side: int = MIN_SIDE) -> Image.Image:
         """``image`` (one input of any kind) with the boxes, names and scores of
         ``detections`` drawn; images whose shorter side is under ``min_side`` pixels are
         enlarged first so that the labels are legible (0: never)."""

@@ -15,7 +15,7 @@ import functools
 import importlib.util
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,9 +93,10 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
 
 def label_box(size: tuple[float, float], box: Sequence[float], taken: list[Sequence[float]],
               canvas: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Where a (width, height) label of ``box`` (x0, y0, x1, y1) goes: above the box,
-    else inside its top, below it or inside its bottom — the first place that stays
-    in the ``canvas`` (width, height) and covers the least of the labels ``taken``."""
+    """Where a (width, height) label of ``box`` (x0, y0, x1, y1) goes, as (x0, y0, x1, y1)
+    inside the ``canvas`` (width, height): above the box, else inside its top, below it
+    or inside its bottom — the first of these that covers none of the labels ``taken``
+    and needs no clamping at the canvas border, else the one that covers least."""
     width, height = size
     x0, y0, x1, y1 = box
     left = min(max(0.0, x0), max(0.0, canvas[0] - width))
@@ -193,7 +194,7 @@ def save_image(image: torch.Tensor | Image.Image, path: Path) -> Path:
     return path
 
 
-def _colormap():
+def _colormap() -> Callable[[float], tuple[float, float, float, float]]:
     import matplotlib  # optional extra (tools): only the sampling-point pictures need a colormap
 
     return matplotlib.colormaps["plasma"]

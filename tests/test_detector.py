@@ -135,15 +135,19 @@ def test_exif_orientation_is_applied(detector, image_path, tmp_path):
         assert_same(found, expected, box_px=2.0, score=0.02)  # re-encoded JPEG: not the same pixels
 
 
-def test_folder_batches_threshold_and_topk(detector, tiny_demo_root):
-    folder = tiny_demo_root / "val2017"
+def test_folder_batches_threshold_and_topk(detector, tiny_demo_root, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in sorted((tiny_demo_root / "val2017").glob("*.jpg"))[:3]:  # of different sizes
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "notes.txt").write_text("not an image: left out")
     files = sorted(folder.glob("*.jpg"))
     alone = [detector(p, **ALL)[0] for p in files]
     together = detector(folder, **{**ALL, "batch_size": 1})
     assert [f.source for f in together] == [str(p) for p in files]
     for found, expected in zip(together, alone):
         assert_same(found, expected)
-    padded = detector(folder, **{**ALL, "batch_size": 4})  # padding: close, not identical
+    padded = detector(folder, **{**ALL, "batch_size": 3})  # padding: close, not identical
     assert all(len(f) == len(e) for f, e in zip(padded, alone))
     top = detector(folder, threshold=0.0, topk=3)
     assert all(len(f) == 3 and torch.equal(f.scores, f.scores.sort(descending=True).values) for f in top)

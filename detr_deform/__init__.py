@@ -2,6 +2,9 @@
 
 Public API::
 
+    detector = detr_deform.Detector.from_pretrained(path)     # ours, official or Hugging Face; device="auto"
+    found = detector("photos/", threshold=0.5)                # per image (paths, folders, PIL, numpy, tensors):
+    picture = detector.draw(found[0].source, found[0])        # boxes xyxy in its pixels, scores, names; drawn
     model, cfg = detr_deform.load_model(path, device="cpu")   # ours, official or Hugging Face; eval mode
     criterion = detr_deform.build_criterion(cfg)              # (outputs, targets) -> unweighted losses; .weight_dict
     postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
@@ -9,6 +12,7 @@ Public API::
     detr_deform.save_hf(model, cfg, folder)                   # a transformers from_pretrained folder
 """
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.detector import Detector
 from detr_deform.hf import save_hf
 from detr_deform.loading import init_from, load_model, save_checkpoint
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
@@ -18,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Detector",
     "ModelConfig",
     "build_criterion",
     "build_model",

@@ -1,16 +1,44 @@
 """The user tools end to end on the tiny demo data and a tiny trained checkpoint:
 infer, visualize (attention and dataset), plot_logs, export (ONNX), benchmark."""
+import importlib.util
 import json
+import struct
+import zlib
 
 import pytest
 import torch
 from PIL import Image
 
-from pipeline_helpers import PYTHON, TINY_MODEL, run
+from detr_deform.visualization import drawing_scale
+from pipeline_helpers import PYTHON, ROOT, TINY_MODEL, run
 
 
 def tool(name: str, *args, timeout: int = 300):
     return run([PYTHON, f"tools/{name}.py", *map(str, args)], timeout=timeout)
+
+
+def tool_module(name: str):
+    """A tool imported in this process (its main() without a new interpreter: faster for error paths)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def drawn_size(size: tuple[int, int]) -> tuple[int, int]:
+    scale = drawing_scale(*size)
+    return round(size[0] * scale), round(size[1] * scale)
+
+
+def bomb_png(path, width: int = 20000, height: int = 20000):
+    """A tiny PNG whose header claims width x height pixels (PIL refuses it from the header alone)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +65,13 @@ def test_infer_writes_coco_results_and_drawn_images(checkpoint, tiny_demo_root, 
         assert entry["category_name"] == {c["id"]: c["name"] for c in index["categories"]}[entry["category_id"]]
     for entry in index["images"]:
         with Image.open(tmp_path / entry["drawn"]) as drawn, Image.open(entry["file_name"]) as source:
-            assert drawn.format == "JPEG" and drawn.size == source.size
+            # small images are enlarged before drawing so that the labels can be read
+            assert drawn.format == "JPEG" and drawn.size == drawn_size(source.size) and min(drawn.size) >= 512
     scores = [d["score"] for d in detections if d["image_id"] == 1]
     assert scores == sorted(scores, reverse=True)
+    # results were streamed as JSON lines; the JSON files were written from them at the end
+    lines = [json.loads(line) for line in (tmp_path / "detections.jsonl").read_text().splitlines()]
+    assert lines == detections and index["finished"] is True and index["skipped"] == []
 
 
 def test_infer_threshold_and_bad_input(checkpoint, tiny_demo_root, tmp_path):
@@ -54,6 +86,53 @@ def test_infer_threshold_and_bad_input(checkpoint, tiny_demo_root, tmp_path):
     assert failed.returncode == 2 and "cannot read image" in failed.stderr and "Traceback" not in failed.stderr
 
 
+def test_infer_keeps_results_when_a_decompression_bomb_stops_it(checkpoint, tiny_demo_root, tmp_path, capsys):
+    """An image whose header claims 20000 x 20000 pixels stops the run naming it (exit 2)
+    with the results so far written, or is skipped with --skip-unreadable."""
+    infer = tool_module("infer")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(tiny_demo_root / "val2017" / "val_00001.jpg").save(folder / "a.png")
+    bomb = bomb_png(folder / "b.png")
+    Image.open(tiny_demo_root / "val2017" / "val_00002.jpg").save(folder / "c.png")
+    out = tmp_path / "stopped"
+    assert infer.main([str(checkpoint), str(folder), "--threshold", "0", "--topk", "3", "--device", "cpu",
+                       "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: refusing to decode image") and str(bomb) in error and "\n" not in error
+    detections = json.loads((out / "detections.json").read_text())
+    index = json.loads((out / "images.json").read_text())
+    assert index["finished"] is False and [i["file_name"] for i in index["images"]] == [str(folder / "a.png")]
+    assert len(detections) == 3 and {d["image_id"] for d in detections} == {1}
+    out = tmp_path / "skipped"
+    assert infer.main([str(checkpoint), str(folder), "--threshold", "0", "--topk", "3", "--device", "cpu",
+                       "--skip-unreadable", "--output-dir", str(out)]) == 0
+    assert "warning: skipped refusing to decode image" in capsys.readouterr().err
+    index = json.loads((out / "images.json").read_text())
+    assert index["skipped"] == [str(bomb)] and len(index["images"]) == 2 and index["finished"] is True
+    assert len(json.loads((out / "detections.json").read_text())) == 6
+
+
+def test_infer_full_disk_and_missing_gpu_give_one_line(checkpoint, tiny_demo_root, tmp_path, capsys):
+    infer = tool_module("infer")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val_00002.png").symlink_to("/dev/full")  # writing the second drawing fails: no space left
+    assert infer.main([str(checkpoint), str(tiny_demo_root / "val2017"), "--draw", "--threshold", "0", "--topk",
+                       "2", "--device", "cpu", "--output-dir", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: cannot write {out / 'val_00002.png'}: No space left on device"
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == [1] and index["finished"] is False
+    assert len(json.loads((out / "detections.json").read_text())) == 2  # the first image's results are kept
+    if torch.cuda.is_available():
+        return
+    assert infer.main([str(checkpoint), str(tiny_demo_root / "val2017"), "--device", "cuda",
+                       "--output-dir", str(tmp_path / "gpu")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --device=cuda but no GPU is visible") and "use --device=cpu" in error
+
+
 def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root, tmp_path):
     image = tiny_demo_root / "val2017" / "val_00002.jpg"
     done = tool("visualize", "attention", checkpoint, image, "--queries", "2", "--pixel", "30,40",
@@ -62,36 +141,43 @@ def test_visualize_attention_points_and_encoder_pixel(checkpoint, tiny_demo_root
     written = [p for p in json.loads(done.stdout.strip().splitlines()[-1])]
     assert len(written) == 3 and sum("_pixel_30_40" in p for p in written) == 1
     with Image.open(image) as source:
-        size = source.size
-        original = source.convert("RGB")
+        width, height = drawn_size(source.size)
+        original = source.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     for path in written:
         with Image.open(path) as drawn:
-            assert drawn.format == "PNG" and drawn.size == size
-            assert drawn.convert("RGB").tobytes() != original.tobytes()  # something was drawn
+            # enlarged image, a colour bar on the right and a caption below
+            assert drawn.format == "PNG" and drawn.width > width and drawn.height > height
+            picture = drawn.convert("RGB").crop((0, 0, width, height))
+            assert picture.tobytes() != original.tobytes()  # something was drawn
     outside = tool("visualize", "attention", checkpoint, image, "--pixel", "5000,5", "--output-dir", tmp_path)
     assert outside.returncode == 2 and "outside the" in outside.stderr
 
 
 def test_sampling_points_match_the_model(checkpoint, tiny_demo_root):
     """The drawn points are the last decoder layer's sampling locations, in pixels."""
+    from detr_deform import Detector
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.inference import Predictor, decoder_sampling, encoder_sampling
+    from detr_deform.inference import decoder_sampling, encoder_sampling, recording_sampling
+    from detr_deform.inputs import pil_to_tensor
 
-    predictor = Predictor(checkpoint, device="cpu")
+    detector = Detector.from_pretrained(checkpoint, device="cpu")
     image = load_rgb_image(tiny_demo_root / "val2017" / "val_00003.jpg")
-    prediction = predictor.predict([image], keep_sampling=True)[0]
-    layer = predictor.model.transformer.decoder.layers[-1].cross_attn
-    query = int(prediction.queries[0])
-    sampling = decoder_sampling(predictor, prediction, query)
+    with recording_sampling(detector):
+        found = detector(image, threshold=0.0, batch_size=1)[0]
+    layer = detector.model.transformer.decoder.layers[-1].cross_attn
+    assert not layer.keep_sampling  # switched off again after the block
+    query = int(found.queries[0])
+    sampling = decoder_sampling(detector, found, query)
     heads, levels, points = layer.n_heads, layer.n_levels, layer.n_points
     assert sampling.points.shape == (heads * levels * points, 2)
+    assert (sampling.heads, sampling.num_levels, sampling.num_points) == (heads, levels, points)
     expected = layer.last_sampling_locations[0, query].reshape(-1, 2) * torch.tensor([image.width, image.height])
     assert torch.allclose(sampling.points, expected)
     assert torch.allclose(sampling.weights.view(heads, -1).sum(-1), torch.ones(heads), atol=1e-5)
     # The top detection is the query with the highest class probability.
-    logits = predictor.model([predictor.preprocess(image)])["pred_logits"][0]
+    logits = detector.model([detector.preprocess(pil_to_tensor(image))])["pred_logits"][0]
     assert int(logits.sigmoid().max(-1).values.argmax()) == query
-    encoder = encoder_sampling(predictor, prediction, 0, 0)
+    encoder = encoder_sampling(detector, found, 0, 0)
     assert encoder.points.shape[0] == heads * levels * points
     assert (encoder.reference < torch.tensor([image.width, image.height]) / 4).all()
 

@@ -43,12 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_images(args: argparse.Namespace, predictor, height: int, width: int) -> list[torch.Tensor]:
+def check_images(args: argparse.Namespace, height: int, width: int) -> list[torch.Tensor]:
     from torchvision.transforms.v2 import functional as F
 
     from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.inference import collect_images
+    from detr_deform.inputs import collect_images
 
     if not args.check_images:
         generator = torch.Generator().manual_seed(0)
@@ -66,19 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     from detr_deform.checkpoint import CheckpointError
     from detr_deform.data.errors import DatasetError
     from detr_deform.export import compare_with_onnxruntime, export_onnx
-    from detr_deform.inference import Predictor
+    from detr_deform.detector import Detector
 
     try:
-        predictor = Predictor(args.checkpoint, device="cpu")
-        height = args.height or predictor.val_size
-        width = args.width or min(predictor.max_size, round(height * 4 / 3))
+        detector = Detector.from_pretrained(args.checkpoint, device="cpu")
+        height = args.height or detector.val_size
+        width = args.width or min(detector.max_size, round(height * 4 / 3))
         output = args.output or Path(args.checkpoint).with_suffix(".onnx")
-        export_onnx(predictor.model, output, height, width, args.opset)
+        export_onnx(detector.model, output, height, width, args.opset)
         print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB), input images (1, 3, {height}, {width})")
         if args.no_check:
             return 0
-        images = check_images(args, predictor, height, width)
-        worst = compare_with_onnxruntime(predictor.model, output, images)
+        images = check_images(args, height, width)
+        worst = compare_with_onnxruntime(detector.model, output, images)
     except (CheckpointError, DatasetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,50 +1,100 @@
 #!/usr/bin/env python
-"""Run a checkpoint (ours or an official model-zoo file) on image files.
+"""Run a checkpoint (ours or an official model-zoo file) on images and videos.
 
     python tools/infer.py runs/demo/<time>/checkpoint_best.pth photos/ --draw
     python tools/infer.py r50_deformable_detr-checkpoint.pth "data/**/*.jpg" --threshold 0.5 --output-dir out/
     python tools/infer.py ckpt.pth a.jpg b.png --device cuda --batch-size 8 --topk 50 --draw --format jpg
+    python tools/infer.py ckpt.pth clip.mp4 --draw          # needs PyAV: pip install "detr_deform[video]"
 
-Writes <output-dir>/detections.json: a list of COCO-results-style entries
+Images: <output-dir>/detections.json, a list of COCO-results-style entries
 {"image_id", "file_name", "category_id", "category_name", "bbox": [x, y, w, h], "score"}
-(image ids number the inputs from 1 in the order listed in "images" of
-<output-dir>/images.json), and with --draw a copy of every image with its boxes,
-category names and scores. Category names come from the checkpoint (ours) or are
-the COCO names (official 91-class files).
+(image ids number the images from 1 in the order of "images" in
+<output-dir>/images.json, which also has "categories", "skipped" and "finished"),
+and with --draw a copy of every image with its boxes, names and scores (enlarged
+when under 512 pixels). Results are written as they come: every batch appends its
+entries to <output-dir>/detections.jsonl (one entry a line) and flushes it; the two
+JSON files are written from it at the end — also when the run stops on an error or
+Ctrl-C, with "finished": false.
+
+Videos (.mp4, .mov, .avi, .mkv, .webm, ..., or any file PIL cannot read and PyAV
+can): <output-dir>/<name>.detections.jsonl with one line per frame {"frame", "time",
+"width", "height", "detections": [entries as above, without image_id/file_name]},
+and with --draw the annotated video <output-dir>/<name>.drawn.<suffix>; the measured
+frames/s is printed at the end.
+
+Exit status: 0 done; 2 bad input or arguments (missing or unreadable files, unusable
+checkpoint, no such device); 1 other expected failures (outputs cannot be written,
+e.g. a full disk; PyAV missing for a video); 130 interrupted (results so far kept).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.inference import Predictor, collect_images
-from detr_deform.visualization import detection_labels, draw_boxes, save_image, to_uint8
+from detr_deform.detector import Detections, Detector
+from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file
+from detr_deform.utils.device import DeviceError, resolve_device
+from detr_deform.visualization import OutputError, save_image
+
+VIDEO_BATCH = 8  # frames share a size: batching them changes no result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote globs)")
+    parser.add_argument("inputs", nargs="+", help="image or video files, folders or glob patterns (quote globs)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/infer"))
     parser.add_argument("--threshold", type=float, default=0.3, help="minimum score kept (JSON and drawings)")
     parser.add_argument("--topk", type=int, default=100, help="at most this many detections per image")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"images per forward pass (default 1: each image exactly as alone; padding a batch "
+                             f"changes results slightly); video frames: default {VIDEO_BATCH}")
     parser.add_argument("--val-size", type=int, help="shorter side (default: the checkpoint's, else 800)")
     parser.add_argument("--max-size", type=int, help="longer-side limit (default: the checkpoint's, else 1333)")
-    parser.add_argument("--draw", action="store_true", help="also write images with the detections drawn")
+    parser.add_argument("--draw", action="store_true", help="also write images (and videos) with the detections drawn")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="format of the drawn images")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="warn about and skip unreadable image files instead of stopping")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.topk < 1:
-        parser.error("--batch-size and --topk must be >= 1")
+    for option in ("batch_size", "topk", "val_size", "max_size"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1")
     return args
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """OSError while writing ``path`` -> OutputError naming it."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def write_atomically(path: Path, text_chunks: Iterator[str]) -> None:
+    """``path`` replaced at once by the concatenated chunks (a temporary file beside it, then rename)."""
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                for chunk in text_chunks:
+                    handle.write(chunk)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def drawn_name(path: Path, index: int, used: set[str], suffix: str) -> str:
@@ -55,66 +105,190 @@ def drawn_name(path: Path, index: int, used: set[str], suffix: str) -> str:
     return name
 
 
-def run(args: argparse.Namespace) -> dict:
-    paths = collect_images(args.inputs)
-    predictor = Predictor(args.checkpoint, args.device, args.val_size, args.max_size, args.topk)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    detections, images, skipped, used = [], [], [], set()
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+def unique_stem(path: Path, used: set[str]) -> str:
+    """``path``'s stem, numbered when another input already had it (same name in another folder)."""
+    stem = path.stem if path.stem not in used else f"{path.stem}_{len(used) + 1}"
+    used.add(stem)
+    return stem
 
-        bar = tqdm(total=len(paths), unit="img", desc="inference")
-    for start in range(0, len(paths), args.batch_size):
-        batch_paths, batch_images = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                batch_images.append(load_rgb_image(path))
-                batch_paths.append(path)
-            except DatasetError as error:
-                if not args.skip_unreadable:
-                    raise
-                skipped.append(str(path))
-                print(f"warning: skipped {error}", file=sys.stderr)
-        predictions = predictor.predict(batch_images) if batch_images else []
-        for path, image, prediction in zip(batch_paths, batch_images, predictions):
-            image_id = len(images) + 1
-            keep = prediction.scores >= args.threshold
-            boxes, scores, labels = prediction.boxes[keep], prediction.scores[keep], prediction.labels[keep]
-            entry = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height}
-            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-                x0, y0, x1, y1 = box
-                detections.append({"image_id": image_id, "file_name": str(path), "category_id": int(label),
-                                   "category_name": predictor.name(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                   "score": score})
-            if args.draw:
-                drawn = draw_boxes(to_uint8(image), boxes, detection_labels(scores, labels, predictor.category_names),
-                                   labels.tolist(), width=max(2, round(max(image.size) / 400)))
-                name = drawn_name(path, image_id, used, args.format)
-                save_image(drawn, args.output_dir / name)
-                entry["drawn"] = name
-            images.append(entry)
+
+class ImageResults:
+    """detections.jsonl written as results come; detections.json and images.json from it at the end."""
+
+    def __init__(self, output_dir: Path, category_names: dict[int, str]) -> None:
+        self.output_dir = output_dir
+        self.lines_path = output_dir / "detections.jsonl"
+        self.categories = [{"id": k, "name": v} for k, v in sorted(category_names.items())]
+        self.images: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+        self.count = 0
+        with writing(self.lines_path):
+            self._lines = open(self.lines_path, "w")
+
+    def add(self, path: Path, detections: Detections, drawn: str | None) -> None:
+        image_id = len(self.images) + 1
+        entry = {"id": image_id, "file_name": str(path), "width": detections.width, "height": detections.height}
+        self.images.append({**entry, "drawn": drawn} if drawn else entry)
+        with writing(self.lines_path):
+            for record in detections.records():
+                self._lines.write(json.dumps({"image_id": image_id, "file_name": str(path), **record}) + "\n")
+        self.count += len(detections)
+
+    def flush(self) -> None:
+        with writing(self.lines_path):
+            self._lines.flush()
+
+    def finish(self, finished: bool) -> None:
+        """Writes the JSON files from what is on disk (a partial last line is left out)."""
+        with contextlib.suppress(OSError):  # the error that stopped the run is reported instead
+            self._lines.close()
+        write_atomically(self.output_dir / "detections.json", self._json_array())
+        index = {"images": self.images, "categories": self.categories, "skipped": self.skipped,
+                 "finished": finished}
+        write_atomically(self.output_dir / "images.json", iter([json.dumps(index, indent=1)]))
+
+    def _json_array(self) -> Iterator[str]:
+        yield "["
+        separator = "\n"
+        with open(self.lines_path) as lines:
+            for line in lines:
+                if line.endswith("\n"):
+                    yield separator + line[:-1]
+                    separator = ",\n"
+        yield "\n]\n"
+
+
+def progress(total: int | None, unit: str, desc: str):
+    """A tqdm bar on a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # only for terminals
+
+    return tqdm(total=total, unit=unit, desc=desc)
+
+
+def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    results = ImageResults(args.output_dir, detector.category_names)
+    batch_size, used, bar = args.batch_size or 1, set(), progress(len(paths), "img", "inference")
+    try:
+        for start in range(0, len(paths), batch_size):
+            loaded = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    loaded.append((path, load_rgb_image(path)))
+                except DatasetError as error:
+                    if not args.skip_unreadable:
+                        raise
+                    results.skipped.append(str(path))
+                    print(f"warning: skipped {error}", file=sys.stderr)
+            found = detector([image for _, image in loaded], threshold=args.threshold, topk=args.topk,
+                             batch_size=len(loaded)) if loaded else []
+            for (path, image), detections in zip(loaded, found):
+                detections.source = str(path)
+                drawn = None
+                if args.draw:
+                    drawn = drawn_name(path, len(results.images) + 1, used, args.format)
+                    save_image(detector.draw(image, detections), args.output_dir / drawn)
+                results.add(path, detections, drawn)
+            results.flush()
+            if bar is not None:
+                bar.update(len(paths[start:start + batch_size]))
+    except BaseException:
+        try:
+            results.finish(finished=False)
+        except OutputError as error:  # keep the error that stopped the run
+            print(f"warning: {error}", file=sys.stderr)
+        raise
+    finally:
         if bar is not None:
-            bar.update(len(paths[start:start + args.batch_size]))
-    if bar is not None:
-        bar.close()
-    (args.output_dir / "detections.json").write_text(json.dumps(detections))
-    categories = [{"id": k, "name": v} for k, v in sorted(predictor.category_names.items())]
-    (args.output_dir / "images.json").write_text(json.dumps({"images": images, "categories": categories,
-                                                             "skipped": skipped}, indent=1))
-    print(f"{len(images)} images, {len(detections)} detections with score >= {args.threshold} -> "
+            bar.close()
+    results.finish(finished=True)
+    print(f"{len(results.images)} images, {results.count} detections with score >= {args.threshold} -> "
           f"{args.output_dir / 'detections.json'}" + (f"; drawings in {args.output_dir}" if args.draw else "")
-          + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
-    return {"images": images, "detections": detections}
+          + (f"; skipped {len(results.skipped)} unreadable file(s)" if results.skipped else ""))
+    return {"images": results.images, "detections": results.count}
+
+
+def run_video(detector: Detector, path: Path, args: argparse.Namespace, used: set[str]) -> dict[str, Any]:
+    from detr_deform.video import VideoReader, VideoWriter, detect_video  # PyAV: only for videos
+
+    stem = unique_stem(path, used)
+    lines_path = args.output_dir / f"{stem}.detections.jsonl"
+    suffix = path.suffix.lower() if path.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi") else ".mp4"
+    video_path = args.output_dir / f"{stem}.drawn{suffix}" if args.draw else None
+    frames = 0
+    with VideoReader(path) as reader, writing(lines_path), open(lines_path, "w") as lines:
+        bar = progress(reader.frame_count, "frame", path.name)
+        writer = VideoWriter(video_path, reader.fps) if video_path else None
+        started = time.perf_counter()
+        try:
+            for found in detect_video(detector, reader, args.threshold, args.topk, args.batch_size or VIDEO_BATCH):
+                lines.write(json.dumps(found.to_dict()) + "\n")
+                lines.flush()
+                if writer is not None:
+                    with writing(video_path):
+                        writer.write(detector.draw(found.frame.image, found.detections))
+                frames += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if writer is not None:
+                with writing(video_path):
+                    writer.close()  # a playable file with the frames so far
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - started
+    work = "decoding, detection, drawing and encoding" if writer else "decoding and detection"
+    print(f"{path}: {frames} frames in {elapsed:.1f} s: {frames / max(elapsed, 1e-9):.2f} frames/s ({work}) -> "
+          f"{lines_path}" + (f", {video_path}" if video_path else ""))
+    return {"video": str(path), "frames": frames, "jsonl": str(lines_path),
+            "drawn": str(video_path) if video_path else None, "frames_per_s": frames / max(elapsed, 1e-9)}
+
+
+def split_inputs(sources: list[str]) -> tuple[list[Path], list[Path]]:
+    """(image files, video files) among the sources, each in the order given."""
+    files = collect_images(sources, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    videos = [f for f in files if is_video_file(f)]
+    chosen = set(videos)
+    return [f for f in files if f not in chosen], videos
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    images, videos = split_inputs(args.inputs)
+    if videos:
+        from detr_deform.video import require_av  # fail before loading the model
+
+        require_av()
+    device = resolve_device(args.device, option="--device")
+    detector = Detector.from_pretrained(args.checkpoint, device, args.val_size, args.max_size)
+    with writing(args.output_dir):
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {}
+    if images:
+        summary.update(run_images(detector, images, args))
+    used: set[str] = set()
+    summary["videos"] = [run_video(detector, video, args, used) for video in videos]
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+    except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:
+        if error.name != "av":  # a broken installation: show the traceback
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DatasetError, DeviceError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)  # VideoError is a ValueError; OSError: input paths
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the results so far are in {args.output_dir}", file=sys.stderr)
+        return 130
     return 0
 
 

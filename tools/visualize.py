@@ -30,6 +30,8 @@ import torch
 
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
+from detr_deform.utils.device import DeviceError
+from detr_deform.visualization import OutputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,40 +70,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _caption(where: str, sampling, with_box: bool) -> str:
+    """What a sampling-point picture shows, for its caption."""
+    return (f"{where}. {len(sampling.weights)} sampling points ({sampling.heads} heads x {sampling.num_levels} "
+            f"levels x {sampling.num_points} points). Dot colour and size: attention weight (colour bar on the "
+            f"right; each head's weights sum to 1). White cross: reference point."
+            + (" Green: predicted box." if with_box else ""))
+
+
 def attention_maps(args: argparse.Namespace) -> list[Path]:
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.inference import Predictor, collect_images, decoder_sampling, encoder_sampling
-    from detr_deform.visualization import draw_sampling_points
+    from detr_deform.detector import Detector
+    from detr_deform.inference import decoder_sampling, encoder_sampling, recording_sampling
+    from detr_deform.inputs import collect_images
+    from detr_deform.utils.device import resolve_device
+    from detr_deform.visualization import draw_sampling_points, save_image
 
-    predictor = Predictor(args.checkpoint, args.device)
+    paths = collect_images(args.inputs)
+    detector = Detector.from_pretrained(args.checkpoint, resolve_device(args.device, option="--device"))
     written = []
-    for path in collect_images(args.inputs):
+    for path in paths:
         image = load_rgb_image(path)
-        prediction = predictor.predict([image], keep_sampling=True)[0]
+        with recording_sampling(detector):  # one image at a time: no padding
+            found = detector(image, threshold=args.threshold, topk=100, batch_size=1)[0]
         drawn_queries: list[int] = []
-        for rank, (query, score, label, box) in enumerate(zip(prediction.queries.tolist(), prediction.scores,
-                                                              prediction.labels, prediction.boxes)):
-            if len(drawn_queries) == args.queries or score < args.threshold:
+        for rank, (query, score, name, box) in enumerate(zip(found.queries.tolist(), found.scores.tolist(),
+                                                             found.names, found.boxes)):
+            if len(drawn_queries) == args.queries:
                 break
             if query in drawn_queries:  # one query can give several labels; draw it once
                 continue
             drawn_queries.append(query)
-            sampling = decoder_sampling(predictor, prediction, query)
+            sampling = decoder_sampling(detector, found, query)
+            layers = detector.cfg.dec_layers
+            caption = _caption(f"Last decoder layer ({layers} of {layers}), cross-attention of query {query}: "
+                               f"{name} {score:.2f}", sampling, with_box=True)
             canvas = draw_sampling_points(image, sampling.points, sampling.weights, box=box.tolist(),
-                                          reference=sampling.reference)
-            out = args.output_dir / f"{path.stem}_det{rank}_{predictor.name(label)}_{float(score):.2f}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            canvas.save(out)
-            written.append(out)
+                                          reference=sampling.reference, caption=caption)
+            written.append(save_image(canvas, args.output_dir / f"{path.stem}_det{rank}_{name}_{score:.2f}.png"))
         for x, y in args.pixel:
-            sampling = encoder_sampling(predictor, prediction, x, y)
-            canvas = draw_sampling_points(image, sampling.points, sampling.weights, reference=(x, y))
-            out = args.output_dir / f"{path.stem}_pixel_{int(x)}_{int(y)}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            canvas.save(out)
-            written.append(out)
-    for layer in predictor.attention_layers():
-        layer.keep_sampling = False
+            sampling = encoder_sampling(detector, found, x, y)
+            layers = detector.cfg.enc_layers
+            caption = _caption(f"Last encoder layer ({layers} of {layers}), self-attention of the finest-level "
+                               f"feature under pixel ({x:g}, {y:g})", sampling, with_box=False)
+            canvas = draw_sampling_points(image, sampling.points, sampling.weights, reference=(x, y), caption=caption)
+            written.append(save_image(canvas, args.output_dir / f"{path.stem}_pixel_{int(x)}_{int(y)}.png"))
     return written
 
 
@@ -159,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         written = attention_maps(args) if args.command == "attention" else dataset_samples(args)
-    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as error:
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":  # a broken installation: show the traceback
+            raise
+        print('error: the attention pictures need matplotlib: pip install "detr_deform[tools]"', file=sys.stderr)
+        return 1
+    except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DatasetError, DeviceError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)  # OSError: input paths
         return 2
     print(f"wrote {len(written)} PNG file(s) to {args.output_dir}")
     print(json.dumps([str(p) for p in written]))

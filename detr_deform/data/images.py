@@ -12,9 +12,16 @@ from PIL import Image, ImageOps
 from detr_deform.data.errors import DatasetError
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB (grayscale, palette, CMYK, RGBA, 16-bit, float)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB (grayscale, palette, CMYK, RGBA, 16-bit, float).
+
+    Alpha is dropped; a palette with a transparent entry goes through RGBA so that
+    the transparent colour is the palette's. 16-bit, 32-bit and float images keep
+    8-bit values as they are and scale wider data by its bit depth."""
+    if image.mode in WIDE_MODES:
         array = np.asarray(image, dtype=np.float64)
         peak = float(array.max(initial=0))
         # 8-bit values stored in a wide mode stay as they are; 10/12/16-bit data is scaled by its bit depth
@@ -23,6 +30,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha: PIL converts it to RGB only through LA
+        image = image.convert("LA")
     return image.convert("RGB")
 
 
@@ -50,7 +59,7 @@ def load_rgb_image(path: Path, expected_size: tuple[int, int] | None = None, whe
                         f"{prefix}{path}: the JSON says {expected_size[0]}x{expected_size[1]} (width x height) but "
                         f"the file is {stored[0]}x{stored[1]}; the boxes would land in the wrong place. Fix the "
                         f"'width'/'height' of this image in the JSON or replace the file", kind="size_mismatch")
-                return _to_rgb(result)
+                return to_rgb(result)
     except DatasetError:
         raise
     except FileNotFoundError as error:

@@ -1,0 +1,187 @@
+"""The high-level Detector: a checkpoint ready to run on images of any kind.
+
+    detector = detr_deform.Detector.from_pretrained("checkpoint.pth")
+    for found in detector(["photo.jpg", "folder/", pil_image, array, tensor], threshold=0.5):
+        print(found.source, found.names, found.boxes)        # boxes xyxy in the input's pixels
+    detector.draw("photo.jpg", detector("photo.jpg")[0]).save("drawn.png")
+"""
+from __future__ import annotations
+
+import os
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as F
+
+from detr_deform.loading import read_content
+from detr_deform.config import DataConfig
+from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
+from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
+from detr_deform.inputs import ImageLike, Inputs, image_inputs, tensor_to_pil
+from detr_deform.loading import model_from_content
+from detr_deform.models.build import build_postprocessor
+from detr_deform.models.config import ModelConfig
+from detr_deform.models.postprocess import PostProcess
+from detr_deform.utils.device import resolve_device
+from detr_deform.visualization import MIN_SIDE, draw_detections
+
+
+@dataclass
+class Detections:
+    """The detections of one image, by decreasing score.
+
+    ``boxes`` are (x0, y0, x1, y1) in the pixels of the image as given (after EXIF
+    orientation for files and PIL images); like the official model they are not
+    clipped to the image."""
+    boxes: torch.Tensor                 # (K, 4) float32, xyxy pixels
+    scores: torch.Tensor                # (K,) float32 in [0, 1]
+    labels: torch.Tensor                # (K,) int64 category ids
+    names: list[str]                    # (K,) category names
+    queries: torch.Tensor               # (K,) int64 decoder query of each detection (one query may give several)
+    width: int                          # of the input image
+    height: int
+    source: str = ""                    # file path, or "inputs[i]" for in-memory images
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One COCO-results-style dict per detection: {"category_id", "category_name",
+        "bbox": [x, y, width, height], "score"}."""
+        return [{"category_id": label, "category_name": name, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+                for (x0, y0, x1, y1), score, label, name in zip(self.boxes.tolist(), self.scores.tolist(),
+                                                               self.labels.tolist(), self.names)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: {"source", "width", "height", "detections": :meth:`records`}."""
+        return {"source": self.source, "width": self.width, "height": self.height, "detections": self.records()}
+
+
+class Detector:
+    """A Deformable DETR model with its preprocessing and category names.
+
+    Images are resized like validation — shorter side ``val_size``, longer side at
+    most ``max_size`` (the checkpoint's training settings, else the official
+    800/1333) — and normalised with the ImageNet mean and std; boxes come back in
+    the input's pixels.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, category_names: dict[int, str] | None = None,
+                 val_size: int = 800, max_size: int = 1333) -> None:
+        if val_size < 1 or max_size < 1:
+            raise ValueError(f"val_size and max_size must be >= 1, got {val_size} and {max_size}")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.category_names = category_names if category_names is not None else category_names_of({}, cfg.num_classes)
+        self.val_size = val_size
+        self.max_size = max_size
+        self.postprocessor: PostProcess = build_postprocessor(cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
+                        val_size: int | None = None, max_size: int | None = None) -> "Detector":
+        """Loads a checkpoint (ours or an official model-zoo file) on ``device``
+        (auto: a GPU when one is visible). ``val_size``/``max_size`` override the
+        checkpoint's validation sizes. Raises CheckpointError (unusable file) or
+        DeviceError (no such device) with a one-line message."""
+        device = resolve_device(str(device), option="device")  # before reading a large file
+        path = Path(path).expanduser()
+        content = read_content(path)  # the one place the file is read (ours, official or Hugging Face)
+        model, cfg = model_from_content(content, path, device)
+        saved = content.get("config", {}) if isinstance(content, dict) else {}
+        data = DataConfig.from_saved(saved.get("data", {}) if isinstance(saved, dict) else {})
+        return cls(model, cfg, category_names_of(content, cfg.num_classes), val_size or data.val_size,
+                   max_size or data.max_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def category_name(self, label: int) -> str:
+        return self.category_names.get(int(label), str(int(label)))
+
+    @torch.no_grad()  # not inference_mode: its tensors would refuse in-place edits by the caller
+    def __call__(self, inputs: Inputs, threshold: float = 0.5, topk: int = 100,
+                 batch_size: int = 8) -> list[Detections]:
+        """Detections for each image of ``inputs`` (a path, a folder, a PIL image, a
+        numpy array, a tensor or a list of these; see :mod:`detr_deform.inputs`), in
+        order: at most ``topk`` (query, class) pairs by score, those with a score of at
+        least ``threshold``.
+
+        ``batch_size`` images run together; images of different sizes are padded to
+        the largest, which changes the predictions slightly (as in the official
+        model), so ``batch_size=1`` gives every image exactly its own result.
+        Images of the same size (video frames) are not padded.
+        """
+        _check_options(threshold, topk, batch_size)
+        items = image_inputs(inputs)  # checks every input before any work
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            results.extend(self._detect([item.load() for item in batch], [item.source for item in batch],
+                                        threshold, topk))
+        return results
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 or float (0-1) image -> normalised (3, h, w) float32 at the
+        network input size, on the model's device."""
+        height, width = official_resize_size(image.shape[-2], image.shape[-1], self.val_size, self.max_size)
+        # uint8 is resized as uint8, as the validation transforms resize PIL images (the same pixels in the tests)
+        image = F.resize(image.to(self.device), [height, width], antialias=True)
+        return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+
+    def _detect(self, images: list[torch.Tensor], sources: list[str], threshold: float,
+                topk: int) -> list[Detections]:
+        outputs = self.model([self.preprocess(image) for image in images])
+        sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
+        self.postprocessor.num_select = topk
+        results = self.postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, sizes)
+        found = []
+        for result, image, source in zip(results, images, sources):
+            keep = result["scores"] >= threshold
+            labels = result["labels"][keep].cpu()
+            found.append(Detections(boxes=result["boxes"][keep].float().cpu(), scores=result["scores"][keep].cpu(),
+                                    labels=labels, names=[self.category_name(l) for l in labels.tolist()],
+                                    queries=result["queries"][keep].cpu(), width=int(image.shape[-1]),
+                                    height=int(image.shape[-2]), source=source))
+        return found
+
+    def draw(self, image: ImageLike, detections: Detections, min_side: int = MIN_SIDE) -> Image.Image:
+        """``image`` (one input of any kind) with the boxes, names and scores of
+        ``detections`` drawn; images whose shorter side is under ``min_side`` pixels are
+        enlarged first so that the labels are legible (0: never)."""
+        items = image_inputs(image)
+        if len(items) != 1:
+            raise ValueError(f"draw takes one image, got {len(items)} (a folder or a batch?)")
+        picture = tensor_to_pil(items[0].load())
+        if picture.size != (detections.width, detections.height):
+            raise ValueError(f"{items[0].source}: the image is {picture.width}x{picture.height} but the detections "
+                             f"are for a {detections.width}x{detections.height} image ({detections.source})")
+        captions = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores.tolist())]
+        return draw_detections(picture, detections.boxes, captions, detections.labels.tolist(), min_side=min_side)
+
+
+def _check_options(threshold: float, topk: int, batch_size: int) -> None:
+    for name, value in (("topk", topk), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
+        raise ValueError(f"threshold must be a number (a score in [0, 1]), got {threshold!r}")
+
+
+def category_names_of(content: Any, num_classes: int) -> dict[int, str]:
+    """Names stored in our checkpoints; COCO names for official (91-class)
+    files; the class index as text otherwise."""
+    if isinstance(content, dict) and content.get("category_names"):
+        return {int(k): str(v) for k, v in content["category_names"].items()}
+    if num_classes == 91:
+        return dict(COCO_CATEGORY_NAMES)
+    return {i: str(i) for i in range(num_classes)}
+
+
+__all__ = ["Detections", "Detector", "category_names_of"]

@@ -40,12 +40,13 @@ def test_cuda_source_uses_the_shared_bodies_and_launch_config():
     bodies = re.findall(r"__global__ void (\w+)\([^{]*\)\s*\{(.*?)\n\}", cuda, re.S)
     assert [name for name, _ in bodies] == ["forward_kernel", "backward_kernel", "gather_kernel"]
     for name, body in bodies:
-        assert re.fullmatch(r"\s*\w+_thread\(blockIdx\.x, threadIdx\.x, blockDim\.x, gridDim\.x,[^;]*\);\s*",
-                            body), f"{name} does more than call its shared body:\n{body}"
+        body = " ".join(body.split())
+        assert re.fullmatch(r"\w+_thread\( ?blockIdx\.x, threadIdx\.x, blockDim\.x, gridDim\.x, [^;]*\);", body), \
+            f"{name} does more than call its shared body: {body}"
     launches = re.findall(r"<<<([^>]*)>>>", cuda)
     assert len(launches) == 3 and all(launch.replace(" ", "") == "c.blocks,c.threads,0,stream" for launch in launches)
-    driver = (source_dir() / "cuda_driver.h").read_text()
-    calls = re.findall(r"launcher\.(?:forward|backward|gather)\(([^,]*)", driver)
+    driver = " ".join((source_dir() / "cuda_driver.h").read_text().split())
+    calls = re.findall(r"launcher\.(?:forward|backward|gather)\( ?([^,]*)", driver)
     assert len(calls) == 4 and all(call.startswith("launch_config(") for call in calls), calls
 
 

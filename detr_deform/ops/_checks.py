@@ -39,7 +39,8 @@ def _check_ranks_and_sizes(value, spatial_shapes, level_start_index, sampling_lo
             f"sampling_locations shape without the last axis, {loc[:-1]}"
         )
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2) as (H, W), got shape {tuple(spatial_shapes.shape)}")
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be (L, 2) as (H, W), got shape {tuple(spatial_shapes.shape)}")
     num_levels = spatial_shapes.shape[0]
     if tuple(level_start_index.shape) != (num_levels,):
         raise ValueError(

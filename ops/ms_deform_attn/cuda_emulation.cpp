@@ -53,11 +53,13 @@ struct HostAtomicAdd {
 at::Tensor huge_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
   const int64_t numel = c10::multiply_integers(sizes);
   const size_t bytes = std::max<size_t>(1, static_cast<size_t>(numel) * c10::elementSize(dtype));
-  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(data != MAP_FAILED, "detr_deform emulation: mmap(MAP_NORESERVE) of ", bytes,
               " bytes failed (is vm.overcommit_memory = 2 on this machine?)");
   return at::from_blob(
-      data, sizes, [bytes](void* pointer) { munmap(pointer, bytes); }, at::TensorOptions().dtype(dtype));
+      data, sizes, [bytes](void* pointer) { munmap(pointer, bytes); },
+      at::TensorOptions().dtype(dtype));
 }
 
 // What the last emulated call launched: kernel, blocks, threads per block, and
@@ -102,13 +104,15 @@ struct EmulatedLauncher {
 
   int64_t max_blocks() const { return block_cap; }
   at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >= kMmapThresholdBytes) {
+    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >=
+        kMmapThresholdBytes) {
       return huge_zeros(sizes, options.dtype().toScalarType());
     }
     return at::zeros(sizes, options);
   }
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >= kMmapThresholdBytes) {
+    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >=
+        kMmapThresholdBytes) {
       return huge_zeros(sizes, options.dtype().toScalarType());
     }
     return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
@@ -116,8 +120,9 @@ struct EmulatedLauncher {
 
   template <typename scalar_t>
   void forward(const LaunchConfig& c, const ForwardParams<scalar_t>& p) {
-    run_grid("forward", c, seed,
-             [&](int64_t block, int64_t thread) { forward_thread(block, thread, c.threads, c.blocks, p); });
+    run_grid("forward", c, seed, [&](int64_t block, int64_t thread) {
+      forward_thread(block, thread, c.threads, c.blocks, p);
+    });
   }
   template <typename scalar_t, typename Scatter>
   void backward(const LaunchConfig& c, const BackwardParams<scalar_t>& p, const Scatter& scatter) {
@@ -127,42 +132,45 @@ struct EmulatedLauncher {
   }
   template <typename scalar_t, typename key_t>
   void gather(const LaunchConfig& c, const GatherParams<scalar_t, key_t>& g) {
-    run_grid("gather", c, seed,
-             [&](int64_t block, int64_t thread) { gather_thread(block, thread, c.threads, c.blocks, g); });
+    run_grid("gather", c, seed, [&](int64_t block, int64_t thread) {
+      gather_thread(block, thread, c.threads, c.blocks, g);
+    });
   }
 };
 
 EmulatedLauncher make_launcher(int64_t shuffle_seed, int64_t max_blocks) {
-  TORCH_CHECK_VALUE(max_blocks >= 0, "detr_deform emulation: max_blocks must be >= 0 (0: the real cap), got ",
+  TORCH_CHECK_VALUE(max_blocks >= 0,
+                    "detr_deform emulation: max_blocks must be >= 0 (0: the real cap), got ",
                     max_blocks);
   {
     const std::lock_guard<std::mutex> lock(g_records_mutex);
     g_records.clear();
   }
-  return EmulatedLauncher{static_cast<uint64_t>(shuffle_seed), max_blocks == 0 ? kMaxBlocks : max_blocks};
+  return EmulatedLauncher{static_cast<uint64_t>(shuffle_seed),
+                          max_blocks == 0 ? kMaxBlocks : max_blocks};
 }
 
-at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights, int64_t shuffle_seed,
-                   int64_t max_blocks) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                   const at::Tensor& attention_weights, int64_t shuffle_seed, int64_t max_blocks) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
   return cuda_kernels::forward(in, launcher);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& value,
-                                                        const at::Tensor& spatial_shapes,
-                                                        const at::Tensor& level_start_index,
-                                                        const at::Tensor& sampling_locations,
-                                                        const at::Tensor& attention_weights, bool deterministic,
-                                                        int64_t shuffle_seed, int64_t max_blocks, bool wide_keys) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, bool deterministic, int64_t shuffle_seed,
+    int64_t max_blocks, bool wide_keys) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const auto grad = prepare_grad_output(grad_output, in);
   EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
   // Same selection as the CUDA entry point, global deterministic flag included.
-  return cuda_kernels::backward<HostAtomicAdd>(in, grad, use_deterministic(deterministic), wide_keys, launcher);
+  return cuda_kernels::backward<HostAtomicAdd>(in, grad, use_deterministic(deterministic),
+                                               wide_keys, launcher);
 }
 
 std::vector<int64_t> launch_config_op(int64_t work, int64_t max_blocks) {
@@ -174,11 +182,14 @@ std::vector<int64_t> launch_config_op(int64_t work, int64_t max_blocks) {
 std::string last_launches() {
   const std::lock_guard<std::mutex> lock(g_records_mutex);
   std::ostringstream out;
-  for (const auto& r : g_records) out << r.kernel << " " << r.blocks << " " << r.threads << " " << r.bodies << "\n";
+  for (const auto& r : g_records)
+    out << r.kernel << " " << r.blocks << " " << r.threads << " " << r.bodies << "\n";
   return out.str();
 }
 
-at::Tensor huge_zeros_op(at::IntArrayRef sizes, at::ScalarType dtype) { return huge_zeros(sizes, dtype); }
+at::Tensor huge_zeros_op(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return huge_zeros(sizes, dtype);
+}
 
 }  // namespace
 }  // namespace emulation
@@ -186,15 +197,19 @@ at::Tensor huge_zeros_op(at::IntArrayRef sizes, at::ScalarType dtype) { return h
 
 TORCH_LIBRARY(detr_deform_emulation, m) {
   m.def(
-      "forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
+      "forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor "
+      "sampling_locations, "
       "Tensor attention_weights, int shuffle_seed=0, int max_blocks=0) -> Tensor");
   m.def(
       "backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, bool deterministic=False, int shuffle_seed=0, "
+      "Tensor sampling_locations, Tensor attention_weights, bool deterministic=False, int "
+      "shuffle_seed=0, "
       "int max_blocks=0, bool wide_keys=False) -> (Tensor, Tensor, Tensor)");
-  m.def("launch_config(int work, int max_blocks=0) -> int[]", &detr_deform::emulation::launch_config_op);
+  m.def("launch_config(int work, int max_blocks=0) -> int[]",
+        &detr_deform::emulation::launch_config_op);
   m.def("last_launches() -> str", &detr_deform::emulation::last_launches);
-  m.def("huge_zeros(int[] size, ScalarType dtype) -> Tensor", &detr_deform::emulation::huge_zeros_op);
+  m.def("huge_zeros(int[] size, ScalarType dtype) -> Tensor",
+        &detr_deform::emulation::huge_zeros_op);
 }
 
 TORCH_LIBRARY_IMPL(detr_deform_emulation, CPU, m) {

@@ -77,8 +77,9 @@ DD_HOST_DEVICE void forward_element(int64_t index, const ForwardParams<scalar_t>
     const scalar_t* level_value = value_nm + p.starts[l] * pixel_stride;
     for (int64_t pt = 0; pt < d.num_points; ++pt) {
       const int64_t s = sample_base + l * d.num_points + pt;
-      const auto taps = bilinear_taps<acc_t>(static_cast<acc_t>(p.locations[2 * s]),
-                                             static_cast<acc_t>(p.locations[2 * s + 1]), height, width);
+      const auto taps =
+          bilinear_taps<acc_t>(static_cast<acc_t>(p.locations[2 * s]),
+                               static_cast<acc_t>(p.locations[2 * s + 1]), height, width);
       if (!taps.inside) continue;
       const acc_t v0 = load_tap<scalar_t, acc_t>(level_value, taps.offset[0], pixel_stride);
       const acc_t v1 = load_tap<scalar_t, acc_t>(level_value, taps.offset[1], pixel_stride);
@@ -91,8 +92,8 @@ DD_HOST_DEVICE void forward_element(int64_t index, const ForwardParams<scalar_t>
 }
 
 template <typename scalar_t>
-DD_HOST_DEVICE void forward_thread(int64_t block, int64_t thread, int64_t block_dim, int64_t grid_dim,
-                                   const ForwardParams<scalar_t>& p) {
+DD_HOST_DEVICE void forward_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                   int64_t grid_dim, const ForwardParams<scalar_t>& p) {
   const Dims& d = p.d;
   const int64_t total = d.batch * d.num_query * d.num_heads * d.channels;
   for (int64_t index = block * block_dim + thread; index < total; index += block_dim * grid_dim) {
@@ -130,7 +131,8 @@ struct AtomicScatter {
     acc_t* level_grad = grad_value + level_offset;
     for (int i = 0; i < 4; ++i) {
       if (taps.offset[i] >= 0) {
-        AtomicAdd::add(level_grad + taps.offset[i] * pixel_stride + c, grad_times_weight * taps.weight[i]);
+        AtomicAdd::add(level_grad + taps.offset[i] * pixel_stride + c,
+                       grad_times_weight * taps.weight[i]);
       }
     }
   }
@@ -145,8 +147,8 @@ struct AtomicScatter {
 template <typename scalar_t, typename key_t>
 struct KeyedScatter {
   using acc_t = at::opmath_type<scalar_t>;
-  key_t* keys;    // 4 per sample
-  acc_t* coefs;   // 4 per sample
+  key_t* keys;   // 4 per sample
+  acc_t* coefs;  // 4 per sample
   int64_t num_heads;
   int64_t sentinel;
 
@@ -156,11 +158,12 @@ struct KeyedScatter {
       coefs[4 * s + i] = acc_t(0);
     }
   }
-  DD_HOST_DEVICE void sample(int64_t s, int64_t level_pos, int64_t m, const BilinearTaps<acc_t>& taps,
-                             acc_t weight) const {
+  DD_HOST_DEVICE void sample(int64_t s, int64_t level_pos, int64_t m,
+                             const BilinearTaps<acc_t>& taps, acc_t weight) const {
     for (int i = 0; i < 4; ++i) {
       const bool ok = taps.offset[i] >= 0;
-      keys[4 * s + i] = static_cast<key_t>(ok ? (level_pos + taps.offset[i]) * num_heads + m : sentinel);
+      keys[4 * s + i] =
+          static_cast<key_t>(ok ? (level_pos + taps.offset[i]) * num_heads + m : sentinel);
       coefs[4 * s + i] = ok ? weight * taps.weight[i] : acc_t(0);
     }
   }
@@ -171,7 +174,8 @@ struct KeyedScatter {
 // weight gradients (owned by this thread, reduced over channels in registers)
 // and its value gradient through the Scatter policy.
 template <typename scalar_t, typename Scatter>
-DD_HOST_DEVICE void backward_sample(int64_t s, const BackwardParams<scalar_t>& p, const Scatter& scatter) {
+DD_HOST_DEVICE void backward_sample(int64_t s, const BackwardParams<scalar_t>& p,
+                                    const Scatter& scatter) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = p.d;
   const int64_t pixel_stride = d.num_heads * d.channels;
@@ -215,8 +219,9 @@ DD_HOST_DEVICE void backward_sample(int64_t s, const BackwardParams<scalar_t>& p
 }
 
 template <typename scalar_t, typename Scatter>
-DD_HOST_DEVICE void backward_thread(int64_t block, int64_t thread, int64_t block_dim, int64_t grid_dim,
-                                    const BackwardParams<scalar_t>& p, const Scatter& scatter) {
+DD_HOST_DEVICE void backward_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                    int64_t grid_dim, const BackwardParams<scalar_t>& p,
+                                    const Scatter& scatter) {
   const Dims& d = p.d;
   const int64_t total = d.batch * d.num_query * d.num_heads * d.num_levels * d.num_points;
   for (int64_t s = block * block_dim + thread; s < total; s += block_dim * grid_dim) {
@@ -231,13 +236,13 @@ DD_HOST_DEVICE void backward_thread(int64_t block, int64_t thread, int64_t block
 // is the original entry index 4 * s + tap of sorted entry j.
 template <typename scalar_t, typename key_t>
 struct GatherParams {
-  const key_t* keys;       // unique keys, ascending
-  const int64_t* ends;     // inclusive prefix sums of counts
-  const int64_t* counts;   // entries per key
-  const int64_t* order;    // stable-sort permutation
+  const key_t* keys;      // unique keys, ascending
+  const int64_t* ends;    // inclusive prefix sums of counts
+  const int64_t* counts;  // entries per key
+  const int64_t* order;   // stable-sort permutation
   const at::opmath_type<scalar_t>* coefs;
   const scalar_t* grad_output;
-  scalar_t* grad_value;    // zero-initialised (N, S, M, D)
+  scalar_t* grad_value;  // zero-initialised (N, S, M, D)
   int64_t num_segments;
   int64_t channels;
   int64_t samples_per_row;  // L * P: samples of one (n, q, m) row of grad_output
@@ -268,8 +273,8 @@ DD_HOST_DEVICE void gather_element(int64_t index, const GatherParams<scalar_t, k
 }
 
 template <typename scalar_t, typename key_t>
-DD_HOST_DEVICE void gather_thread(int64_t block, int64_t thread, int64_t block_dim, int64_t grid_dim,
-                                  const GatherParams<scalar_t, key_t>& g) {
+DD_HOST_DEVICE void gather_thread(int64_t block, int64_t thread, int64_t block_dim,
+                                  int64_t grid_dim, const GatherParams<scalar_t, key_t>& g) {
   const int64_t total = g.num_segments * g.channels;
   for (int64_t index = block * block_dim + thread; index < total; index += block_dim * grid_dim) {
     gather_element(index, g);

@@ -156,16 +156,16 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights,
                                       bool /*deterministic: always*/) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const Dims& d = in.dims;
   auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        forward_kernel<scalar_t>(in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
-                                 in.level_start_index.data_ptr<int64_t>(),
-                                 in.sampling_locations.data_ptr<scalar_t>(),
-                                 in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
+        forward_kernel<scalar_t>(
+            in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+            in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+            in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
       });
   return output;
 }
@@ -174,8 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output_in, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, bool /*deterministic: always*/) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const Dims& d = in.dims;
   const auto grad_output = prepare_grad_output(grad_output_in, in);
   const auto acc_dtype = at::toOpMathType(in.value.scalar_type());

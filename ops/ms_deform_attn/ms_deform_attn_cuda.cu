@@ -13,11 +13,12 @@
 // Kernel parameters are individual __restrict__ pointers (the param structs
 // are built inside the kernel), so that nvcc knows the inputs never alias the
 // outputs, as in the hand-written kernels this replaces.
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <ATen/cuda/Atomic.cuh>
 
 #include "cuda_driver.h"
 #include "ms_deform_attn.h"
@@ -37,22 +38,28 @@ struct DeviceAtomicAdd {
 };
 
 template <typename scalar_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
-                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
-                               const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, Dims d) {
+__global__ void forward_kernel(const scalar_t* __restrict__ value,
+                               const int64_t* __restrict__ shapes,
+                               const int64_t* __restrict__ starts,
+                               const scalar_t* __restrict__ locations,
+                               const scalar_t* __restrict__ weights, scalar_t* __restrict__ output,
+                               Dims d) {
   forward_thread(blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
                  ForwardParams<scalar_t>{value, shapes, starts, locations, weights, output, d});
 }
 
 template <typename scalar_t, typename Scatter>
-__global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                                const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-                                const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
-                                scalar_t* __restrict__ grad_locations, scalar_t* __restrict__ grad_weights, Dims d,
-                                Scatter scatter) {
+__global__ void backward_kernel(const scalar_t* __restrict__ grad_output,
+                                const scalar_t* __restrict__ value,
+                                const int64_t* __restrict__ shapes,
+                                const int64_t* __restrict__ starts,
+                                const scalar_t* __restrict__ locations,
+                                const scalar_t* __restrict__ weights,
+                                scalar_t* __restrict__ grad_locations,
+                                scalar_t* __restrict__ grad_weights, Dims d, Scatter scatter) {
   backward_thread(blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
-                  BackwardParams<scalar_t>{grad_output, value, shapes, starts, locations, weights, grad_locations,
-                                           grad_weights, d},
+                  BackwardParams<scalar_t>{grad_output, value, shapes, starts, locations, weights,
+                                           grad_locations, grad_weights, d},
                   scatter);
 }
 
@@ -60,38 +67,44 @@ template <typename scalar_t, typename key_t>
 __global__ void gather_kernel(const key_t* __restrict__ keys, const int64_t* __restrict__ ends,
                               const int64_t* __restrict__ counts, const int64_t* __restrict__ order,
                               const at::opmath_type<scalar_t>* __restrict__ coefs,
-                              const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_value,
-                              int64_t num_segments, int64_t channels, int64_t samples_per_row, int64_t sentinel) {
-  gather_thread(blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
-                GatherParams<scalar_t, key_t>{keys, ends, counts, order, coefs, grad_output, grad_value,
-                                              num_segments, channels, samples_per_row, sentinel});
+                              const scalar_t* __restrict__ grad_output,
+                              scalar_t* __restrict__ grad_value, int64_t num_segments,
+                              int64_t channels, int64_t samples_per_row, int64_t sentinel) {
+  gather_thread(
+      blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
+      GatherParams<scalar_t, key_t>{keys, ends, counts, order, coefs, grad_output, grad_value,
+                                    num_segments, channels, samples_per_row, sentinel});
 }
 
 struct CudaLauncher {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   int64_t max_blocks() const { return kMaxBlocks; }
-  at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::zeros(sizes, options); }
-  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+  at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::zeros(sizes, options);
+  }
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
 
   template <typename scalar_t>
   void forward(const LaunchConfig& c, const ForwardParams<scalar_t>& p) {
-    forward_kernel<scalar_t><<<c.blocks, c.threads, 0, stream>>>(p.value, p.shapes, p.starts, p.locations,
-                                                                  p.weights, p.output, p.d);
+    forward_kernel<scalar_t><<<c.blocks, c.threads, 0, stream>>>(
+        p.value, p.shapes, p.starts, p.locations, p.weights, p.output, p.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename Scatter>
   void backward(const LaunchConfig& c, const BackwardParams<scalar_t>& p, const Scatter& scatter) {
     backward_kernel<scalar_t, Scatter><<<c.blocks, c.threads, 0, stream>>>(
-        p.grad_output, p.value, p.shapes, p.starts, p.locations, p.weights, p.grad_locations, p.grad_weights, p.d,
-        scatter);
+        p.grad_output, p.value, p.shapes, p.starts, p.locations, p.weights, p.grad_locations,
+        p.grad_weights, p.d, scatter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename key_t>
   void gather(const LaunchConfig& c, const GatherParams<scalar_t, key_t>& g) {
     gather_kernel<scalar_t, key_t><<<c.blocks, c.threads, 0, stream>>>(
-        g.keys, g.ends, g.counts, g.order, g.coefs, g.grad_output, g.grad_value, g.num_segments, g.channels,
-        g.samples_per_row, g.sentinel);
+        g.keys, g.ends, g.counts, g.order, g.coefs, g.grad_output, g.grad_value, g.num_segments,
+        g.channels, g.samples_per_row, g.sentinel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -99,10 +112,12 @@ struct CudaLauncher {
 }  // namespace
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                       const at::Tensor& attention_weights, bool /*deterministic: always*/) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                                       const at::Tensor& level_start_index,
+                                       const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights,
+                                       bool /*deterministic: always*/) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const c10::cuda::OptionalCUDAGuard device_guard(in.value.device());
   CudaLauncher launcher;
   return cuda_kernels::forward(in, launcher);
@@ -112,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, bool deterministic) {
-  const PreparedInputs in =
-      prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
   const c10::cuda::OptionalCUDAGuard device_guard(in.value.device());
   const auto grad = prepare_grad_output(grad_output, in);
   CudaLauncher launcher;

@@ -83,6 +83,11 @@ def reference(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return (out.detach(), *torch.autograd.grad(out, leaves, grad_output))
 
 
+# A runner computes (output, grad_value, grad_locations, grad_weights) from make_inputs' tuple:
+# ``emulated`` below, or the compiled op on a device (detr_deform.ops.device_checks).
+Runner = Callable[..., tuple[torch.Tensor, ...]]
+
+
 def emulated(inputs: tuple[torch.Tensor, ...], *, deterministic: bool = False, shuffle_seed: int = 0,
              max_blocks: int | None = None, wide_keys: bool = False) -> tuple[torch.Tensor, ...]:
     """(output, grad_value, grad_locations, grad_weights) of the emulated CUDA kernels; also checks
@@ -116,6 +121,7 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
     largest error relative to the reference's largest magnitude."""
     worst = 0.0
     for name, a, b in zip(GRAD_NAMES, ours, ref):
+        a = a.detach().cpu()
         assert a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}"
         scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
         rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5 * scale)
@@ -127,13 +133,13 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
     return worst
 
 
-def check_against_reference(case_name: str, dtype: torch.dtype) -> str:
+def check_against_reference(case_name: str, dtype: torch.dtype, run: Runner = emulated) -> str:
     """Forward and the three gradients of the atomic and the deterministic backward vs the reference."""
     inputs = make_inputs(CASES[case_name], dtype)
     ref = reference(inputs)
     worst = 0.0
     for deterministic in (False, True):
-        ours = emulated(inputs, deterministic=deterministic)
+        ours = run(inputs, deterministic=deterministic)
         worst = max(worst, assert_close(ours, ref, dtype, f"{case_name} deterministic={deterministic}"))
     return f"max error {worst:.1e} of the largest magnitude"
 
@@ -215,41 +221,41 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         int(torch.tensor(info.tiny, dtype=torch.float64).log2()) - mantissa_bits))
 
 
-def check_half_accumulation(dtype: torch.dtype) -> str:
+def check_half_accumulation(dtype: torch.dtype, run: Runner = emulated) -> str:
     """fp16 / bf16 accumulate in fp32 and round once: with positive inputs the forward and the value
     and weight gradients are within 1 ulp of the exact result (long sums of ~256 terms); the
     location gradient (which cancels) within HALF_TOLERANCE of the float32 kernels."""
     inputs = make_inputs(LONG_SUMS, dtype)
     exact = reference(inputs)
     for deterministic in (False, True):
-        ours = emulated(inputs, deterministic=deterministic)
+        ours = tuple(t.cpu() for t in run(inputs, deterministic=deterministic))
         for name, a, b in zip(GRAD_NAMES, ours, exact):
             assert a.dtype == dtype, f"{name} is {a.dtype}"
             if name == "grad_locations":
                 continue
             excess = ((a.double() - b).abs() / _ulp(b, dtype)).max()
             assert excess <= 1.0, f"deterministic={deterministic}: {name} is {float(excess):.1f} ulp from exact"
-        single = emulated(tuple(t.float() if t.is_floating_point() else t for t in inputs), deterministic=deterministic)
+        single = run(tuple(t.float() if t.is_floating_point() else t for t in inputs), deterministic=deterministic)
         tol = HALF_TOLERANCE[dtype]
         scale = float(single[2].abs().max())
-        torch.testing.assert_close(ours[2].float(), single[2], rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(ours[2].float(), single[2].cpu(), rtol=tol, atol=tol * scale)
     mixed = make_inputs(replace(CASES["encoder_like"], queries=20), dtype)
-    single = emulated(tuple(t.float() if t.is_floating_point() else t for t in mixed))
+    single = run(tuple(t.float() if t.is_floating_point() else t for t in mixed))
     for deterministic in (False, True):
-        ours = emulated(mixed, deterministic=deterministic)
-        assert_close(ours, tuple(t.to(dtype).double() for t in single), dtype, f"{dtype} vs float32")
+        ours = run(mixed, deterministic=deterministic)
+        assert_close(ours, tuple(t.cpu().to(dtype).double() for t in single), dtype, f"{dtype} vs float32")
     return "output, grad_value, grad_weights within 1 ulp of exact; all four within tolerance of float32"
 
 
-def check_empty_inputs() -> str:
-    """No queries, or batch 0: correctly shaped (zero) results and no kernel launch."""
+def check_empty_inputs(run: Runner = emulated) -> str:
+    """No queries, or batch 0: correctly shaped (zero) results (and, emulated, no kernel launch)."""
     for case in (replace(CASES["odd_multi_level"], queries=0), replace(CASES["odd_multi_level"], batch=0)):
         inputs = make_inputs(case, torch.float32)
-        out, grad_value, grad_locations, grad_weights = emulated(inputs, deterministic=True)
-        assert out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape
-        assert grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0
-        assert grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape
-        emulated(inputs, deterministic=False)
+        for deterministic in (False, True):
+            out, grad_value, grad_locations, grad_weights = run(inputs, deterministic=deterministic)
+            assert out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape
+            assert grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0
+            assert grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape
     return "Lq = 0 and N = 0 work"
 
 
@@ -263,7 +269,7 @@ def check_launch_config() -> str:
     return "as ms_deform_attn_cuda.cu launches"
 
 
-def check_large_offsets() -> str:
+def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tensor] | None = None) -> str:
     """Flat offsets beyond 2^31 elements: value (2, S, 2, 2) with a 16500 x 16500 first level, so that
     batch 1's other levels start past element 2^31. The big tensors are mmap(MAP_NORESERVE) zeros:
     only the small levels hold data and are sampled (level 0's samples lie outside the map); the
@@ -275,8 +281,8 @@ def check_large_offsets() -> str:
     assert (num_value + big) * heads * channels > 2**31, "the case no longer needs 64-bit offsets"
     g = torch.Generator().manual_seed(0)
     cropped = make_inputs(Case(small, heads=heads, channels=channels, queries=queries, points=points), torch.float32)
-    value = emulation.huge_zeros((2, num_value, heads, channels), torch.float32)
-    value[:, big:] = cropped[0]  # touches only the small levels' pages
+    value = (zeros or emulation.huge_zeros)((2, num_value, heads, channels), torch.float32)
+    value[:, big:] = cropped[0].to(value.device)  # touches only the small levels' pages
     shapes = torch.tensor(((16500, 16500),) + small)
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     outside = torch.full((2, queries, heads, 1, points, 2), -2.0)
@@ -284,12 +290,13 @@ def check_large_offsets() -> str:
     weights = torch.cat([torch.rand(2, queries, heads, 1, points, generator=g), cropped[4]], 3)
     ref = reference(cropped)
     for deterministic, wide in ((False, False), (True, False), (True, True)):
-        out, grad_value, grad_locations, grad_weights = emulated(
+        out, grad_value, grad_locations, grad_weights = run(
             (value, shapes, starts, locations, weights, cropped[5]), deterministic=deterministic, wide_keys=wide)
         what = f"deterministic={deterministic} wide_keys={wide}"
         assert_close((out, grad_value[:, big:], grad_locations[:, :, :, 1:], grad_weights[:, :, :, 1:]), ref,
                      torch.float32, what)
-        assert torch.count_nonzero(grad_locations[:, :, :, 0]) == 0 and torch.count_nonzero(grad_weights[:, :, :, 0]) == 0
+        assert torch.count_nonzero(grad_locations[:, :, :, 0]) == 0, f"{what}: level 0 location gradients"
+        assert torch.count_nonzero(grad_weights[:, :, :, 0]) == 0, f"{what}: level 0 weight gradients"
         assert torch.count_nonzero(grad_value[:, big - 4096:big]) == 0, f"{what}: gradient before the small levels"
         del grad_value
     return f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped reference"

@@ -26,8 +26,8 @@ part that runs over its budget is stopped and reported as skipped (timed out):
 
 Without CUDA only "emulation" runs and every GPU part is listed as skipped.
 --device cpu --tiny runs the GPU parts' code on the CPU at tiny sizes (gloo for
-DDP, aot_eager for compile), so that only the CUDA-specific calls remain
-untested. Writes results.md and results.json into --output-dir (default
+DDP, the "eager" compile backend), in this process and without per-part
+budgets, so that only the CUDA-specific calls remain untested. Writes results.md and results.json into --output-dir (default
 outputs/gpu_check/<timestamp>). The last line is "N passed, N failed"; the
 exit status is 0 iff nothing failed.
 """
@@ -39,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -193,19 +194,32 @@ def run_part_subprocess(part: Part, args: argparse.Namespace, timeout: float, ou
     if args.emulation_checks:
         command += ["--emulation-checks", *args.emulation_checks]
     results_path = output_dir / f"part_{part.name}.json"
+    log_path = output_dir / f"part_{part.name}.log"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        process.kill()
+
+    # A little grace beyond the part's budget for the interpreter to start and finish.
+    watchdog = threading.Timer(timeout + 20, stop)
+    watchdog.start()
+    with open(log_path, "w") as log:
+        for line in process.stdout:  # everything to the log; the per-check lines to the console too
+            log.write(line)
+            if line.startswith(f"[{part.name}]"):
+                print(line, end="", flush=True)
+    process.wait()
+    watchdog.cancel()
     extra: list[Result] = []
-    with open(output_dir / f"part_{part.name}.log", "w") as log:
-        try:
-            # A little grace beyond the part's budget for the interpreter to start and finish.
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout + 20, cwd=ROOT)
-            if done.returncode != 0:
-                tail = (output_dir / f"part_{part.name}.log").read_text()[-2000:]
-                extra.append(Result(part.name, "process", "failed",
-                                    note=f"the part's process exited with status {done.returncode}",
-                                    data={"log_tail": tail}))
-        except subprocess.TimeoutExpired:
-            extra.append(Result(part.name, "process", "skipped",
-                                note=f"timed out after {timeout:.0f} s (its budget); results so far kept"))
+    if timed_out.is_set():
+        extra.append(Result(part.name, "process", "skipped",
+                            note=f"timed out after {timeout:.0f} s (its budget); results so far kept"))
+    elif process.returncode != 0:
+        extra.append(Result(part.name, "process", "failed",
+                            note=f"the part's process exited with status {process.returncode}",
+                            data={"log_tail": log_path.read_text()[-2000:]}))
     results = [Result(**r) for r in json.loads(results_path.read_text())] if results_path.exists() else []
     return results + extra
 

@@ -35,3 +35,18 @@ def test_missing_compiler_gives_clear_error_and_single_warning(tmp_path):
     warning_line = next(line for line in out.splitlines() if line.startswith("WARNINGS:"))
     assert warning_line.count("slow pure-PyTorch MSDeformAttn") == 1
     assert "AUTO EQUALS REFERENCE: True" in out
+
+
+def test_emulation_harness_without_compiler_gives_the_same_clear_error(tmp_path):
+    script = textwrap.dedent("""
+        from detr_deform.ops import emulation
+        try:
+            emulation.load_emulation()
+            print("NO ERROR")
+        except emulation.OpsBuildError as error:
+            print("EMULATION ERROR:", error)
+    """)
+    env = dict(os.environ, CXX="/nonexistent/c++", DETR_DEFORM_BUILD_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "EMULATION ERROR: no C++ compiler ('/nonexistent/c++') on PATH" in done.stdout

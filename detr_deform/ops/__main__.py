@@ -1,7 +1,10 @@
 """Command line for the compiled operator.
 
-    python -m detr_deform.ops build [--cuda | --cpu] [--verbose]
+    python -m detr_deform.ops build [--cuda | --cpu | --emulation] [--verbose]
     python -m detr_deform.ops info
+
+--emulation builds the CPU emulation of the CUDA kernels that the tests use
+(normal C++ compiler, no nvcc), instead of the operator.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     flavour = build.add_mutually_exclusive_group()
     flavour.add_argument("--cuda", action="store_true", help="also compile the CUDA kernels (needs nvcc)")
     flavour.add_argument("--cpu", action="store_true", help="CPU kernels only")
+    flavour.add_argument("--emulation", action="store_true",
+                         help="the CPU emulation of the CUDA kernels (test harness) instead of the operator")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     sub.add_parser("info", help="print where the sources and builds are")
     args = parser.parse_args(argv)
@@ -30,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch:          {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})")
         print(f"CUDA requested: {_build.cuda_requested()}")
         print(f"build dir:      {_build.build_dir(_build.cuda_requested())}")
+        print(f"emulation dir:  {_build.build_dir(False, flavour='cuda-emulation')}")
         return 0
 
     with_cuda = True if args.cuda else False if args.cpu else None
     try:
-        library = _build.build_and_load(with_cuda=with_cuda, verbose=args.verbose)
+        if args.emulation:
+            library = _build.build_and_load_emulation(verbose=args.verbose)
+        else:
+            library = _build.build_and_load(with_cuda=with_cuda, verbose=args.verbose)
     except _build.OpsBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

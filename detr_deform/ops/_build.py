@@ -30,8 +30,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE_FILES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
+SOURCE_FILES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_checks.cpp", "ms_deform_attn_cpu.cpp")
 CUDA_SOURCE_FILES = ("ms_deform_attn_cuda.cu",)
+# The CPU emulation of the CUDA kernels (tests only): the harness plus the input checks it shares with the op.
+EMULATION_SOURCE_FILES = ("cuda_emulation.cpp", "ms_deform_attn_checks.cpp")
+EMULATION_LIBRARY = "detr_deform_cuda_emulation"
 
 
 class OpsBuildError(RuntimeError):
@@ -92,9 +95,11 @@ def _cpu_tag() -> str:
     return f"{target}-{digest}" if target == "native" else target
 
 
-def build_dir(with_cuda: bool) -> Path:
+def build_dir(with_cuda: bool, flavour: str | None = None) -> Path:
+    """Cache directory of one build flavour: cuXYZ, cpu, or another name (e.g. the emulation harness)."""
     root = Path(os.environ.get("DETR_DEFORM_BUILD_DIR", Path.home() / ".cache" / "detr_deform" / "ops"))
-    flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    if flavour is None:
+        flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
     tag = (f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
            f"-{_cpu_tag()}")
     return root / tag
@@ -151,27 +156,20 @@ def _check_toolchain(with_cuda: bool) -> None:
             )
 
 
-def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path:
-    """Compiles (if needed) and loads the operator library; returns its path.
-
-    Raises OpsBuildError with the reason and the fix when anything fails.
-    """
+def _compile_and_load(name: str, sources: list[str], directory: Path, with_cuda: bool, cflags: list[str],
+                      ldflags: list[str], verbose: bool, what: str = "the compiled MSDeformAttn operator",
+                      rebuild: str = "python -m detr_deform.ops build --verbose",
+                      fallback: str = "; or pass impl='pytorch' to use the pure-PyTorch path") -> Path:
+    """cpp_extension.load into ``directory``; every failure becomes an OpsBuildError with the fix."""
     cpp_extension = _cpp_extension()
-    with_cuda = cuda_requested() if with_cuda is None else with_cuda
-    _check_toolchain(with_cuda)
     sources_root = source_dir()
-    sources = [str(sources_root / name) for name in SOURCE_FILES]
-    if with_cuda:
-        sources += [str(sources_root / name) for name in CUDA_SOURCE_FILES]
-    directory = build_dir(with_cuda)
     directory.mkdir(parents=True, exist_ok=True)
-    name = "detr_deform_ops_cuda" if with_cuda else "detr_deform_ops_cpu"
     try:
         cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=["-O3", "-fopenmp", f"-march={cpu_target()}"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
             extra_include_paths=[str(sources_root)] + (_cuda_include_dirs() if with_cuda else []),
             build_directory=str(directory),
@@ -181,9 +179,40 @@ def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path
         )
     except Exception as error:  # compiler and loader failures come in many types
         raise OpsBuildError(
-            f"building/loading the compiled MSDeformAttn operator failed ({type(error).__name__}: "
+            f"building/loading {what} failed ({type(error).__name__}: "
             f"{str(error).strip()[-2000:]}).\nBuild directory: {directory}. Rebuild with verbose output using "
-            "`python -m detr_deform.ops build --verbose`; delete that directory if a previous build was "
-            "interrupted; or pass impl='pytorch' to use the pure-PyTorch path."
+            f"`{rebuild}`; delete that directory if a previous build was interrupted{fallback}."
         ) from error
     return directory / f"{name}.so"
+
+
+def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path:
+    """Compiles (if needed) and loads the operator library; returns its path.
+
+    Raises OpsBuildError with the reason and the fix when anything fails.
+    """
+    with_cuda = cuda_requested() if with_cuda is None else with_cuda
+    _check_toolchain(with_cuda)
+    sources_root = source_dir()
+    sources = [str(sources_root / name) for name in SOURCE_FILES]
+    if with_cuda:
+        sources += [str(sources_root / name) for name in CUDA_SOURCE_FILES]
+    name = "detr_deform_ops_cuda" if with_cuda else "detr_deform_ops_cpu"
+    return _compile_and_load(name, sources, build_dir(with_cuda), with_cuda,
+                             ["-O3", "-fopenmp", f"-march={cpu_target()}"], ["-fopenmp"], verbose)
+
+
+def build_and_load_emulation(verbose: bool = False) -> Path:
+    """Compiles (if needed) and loads the CPU emulation of the CUDA kernels
+    (torch.ops.detr_deform_emulation.*) with the normal C++ compiler; no nvcc.
+
+    -O2 on the baseline target, without -ffast-math and without contracting a*b+c
+    into FMAs (-ffp-contract=off): plain IEEE arithmetic, the same on every host.
+    nvcc does contract, so emulated and GPU results agree to rounding, not bitwise.
+    """
+    _check_toolchain(with_cuda=False)
+    sources_root = source_dir()
+    sources = [str(sources_root / name) for name in EMULATION_SOURCE_FILES]
+    return _compile_and_load(EMULATION_LIBRARY, sources, build_dir(False, flavour="cuda-emulation"), False,
+                             ["-O2", "-ffp-contract=off"], [], verbose, what="the CPU emulation of the CUDA kernels",
+                             rebuild="python -m detr_deform.ops build --emulation --verbose", fallback="")

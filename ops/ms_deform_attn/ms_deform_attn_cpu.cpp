@@ -1,7 +1,8 @@
 // CPU kernels. Forward is parallel over (n, query); backward is parallel over
 // (n, head) so that every task owns its slice value[n, :, m, :] of the value
-// gradient and no atomics are needed. The inner loops run over the D channels
-// of a head, which are contiguous, so they vectorise.
+// gradient and no atomics are needed: it is deterministic, whatever the thread
+// count. The inner loops run over the D channels of a head, which are
+// contiguous, so they vectorise.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -13,20 +14,6 @@
 
 namespace detr_deform {
 namespace {
-
-struct Dims {
-  int64_t batch, num_value, num_heads, channels, num_levels, num_query, num_points;
-};
-
-Dims read_dims(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return Dims{value.size(0),
-              value.size(1),
-              value.size(2),
-              value.size(3),
-              sampling_locations.size(3),
-              sampling_locations.size(1),
-              sampling_locations.size(4)};
-}
 
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
@@ -164,59 +151,47 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
-                                      const at::Tensor& sampling_locations_in,
-                                      const at::Tensor& attention_weights_in) {
-  check_ms_deform_attn_inputs(value_in, spatial_shapes, level_start_index, sampling_locations_in,
-                              attention_weights_in);
-  const auto value = value_in.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto locations = sampling_locations_in.contiguous();
-  const auto weights = attention_weights_in.contiguous();
-  const Dims d = read_dims(value, locations);
-  auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, value.options());
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights,
+                                      bool /*deterministic: always*/) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
+  const Dims& d = in.dims;
+  auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-                                 starts.data_ptr<int64_t>(), locations.data_ptr<scalar_t>(),
-                                 weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
+      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        forward_kernel<scalar_t>(
+            in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+            in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+            in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
       });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations_in,
-    const at::Tensor& attention_weights_in) {
-  check_ms_deform_attn_inputs(value_in, spatial_shapes, level_start_index, sampling_locations_in,
-                              attention_weights_in);
-  const auto value = value_in.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto locations = sampling_locations_in.contiguous();
-  const auto weights = attention_weights_in.contiguous();
-  const Dims d = read_dims(value, locations);
-  TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({d.batch, d.num_query,
-                                                         d.num_heads * d.channels}),
-              "ms_deform_attn backward: grad_output has shape ", grad_output_in.sizes(),
-              ", expected (N, Lq, M*D)");
-  const auto grad_output = grad_output_in.contiguous().to(value.scalar_type());
-  const auto acc_dtype = at::toOpMathType(value.scalar_type());
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
-  auto grad_locations = at::empty_like(locations);
-  auto grad_weights = at::empty_like(weights);
+    const at::Tensor& grad_output_in, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, bool /*deterministic: always*/) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
+  const Dims& d = in.dims;
+  const auto grad_output = prepare_grad_output(grad_output_in, in);
+  const auto acc_dtype = at::toOpMathType(in.value.scalar_type());
+  auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_dtype));
+  auto grad_locations = at::empty_like(in.sampling_locations);
+  auto grad_weights = at::empty_like(in.attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
         backward_kernel<scalar_t>(
-            grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
-            shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-            locations.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
+            grad_output.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+            in.spatial_shapes.data_ptr<int64_t>(), in.level_start_index.data_ptr<int64_t>(),
+            in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
             grad_value.data_ptr<at::opmath_type<scalar_t>>(), grad_locations.data_ptr<scalar_t>(),
             grad_weights.data_ptr<scalar_t>(), d);
       });
-  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value.to(in.value.scalar_type()), grad_locations, grad_weights};
 }
 
 }  // namespace detr_deform

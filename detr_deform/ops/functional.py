@@ -1,0 +1,59 @@
+"""``ms_deform_attn``: the operator's Python entry point and its dispatch."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from detr_deform.ops._checks import check_level_layout, check_metadata, check_tensor_arguments
+from detr_deform.ops._library import compiled_op_available, load_compiled_op
+from detr_deform.ops.reference import ms_deform_attn_pytorch
+
+Impl = Literal["auto", "cpp", "pytorch"]
+IMPLS = ("auto", "cpp", "pytorch")
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    impl: Impl = "auto",
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (N, S, M, D) per-head values of all levels, S = sum(H_l * W_l).
+        spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
+        level_start_index: (L,) int64, offset of each level inside S.
+        sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y) in [0, 1]; pixel
+            centres at (i + 0.5) / W (``align_corners=False``); zero outside.
+        attention_weights: (N, Lq, M, L, P).
+        impl: "cpp" (compiled kernels), "pytorch" (grid_sample reference) or
+            "auto" (compiled when available, else the reference with a warning).
+        deterministic: True selects the atomic-free, run-to-run deterministic
+            value gradient of the CUDA backward. None or False follow
+            ``torch.are_deterministic_algorithms_enabled()`` (read when the
+            backward runs); False cannot switch it off while that global mode is on.
+            The CPU kernels are always deterministic.
+
+    Returns:
+        (N, Lq, M * D)
+    """
+    check_tensor_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if impl not in IMPLS:
+        raise ValueError(f"ms_deform_attn: impl must be 'auto', 'cpp' or 'pytorch', got {impl!r}")
+    compiling = torch.compiler.is_compiling()
+    if impl == "pytorch" or (impl == "auto" and not compiling and not compiled_op_available()):
+        check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        if not compiling:
+            check_level_layout(value, spatial_shapes, level_start_index)
+        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    if not compiling:
+        load_compiled_op()
+    # The C++ entry points validate everything (once per call); under torch.compile the fake kernel does.
+    return torch.ops.detr_deform.ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, bool(deterministic)
+    )

@@ -1,0 +1,218 @@
+// CPU emulation of the CUDA kernels, for the test suite (no GPU, no nvcc).
+//
+// Compiled by the host C++ compiler from the same sources the GPU build uses:
+// the per-thread bodies (cuda_kernels.h) and the host driver (cuda_driver.h),
+// with an EmulatedLauncher in place of the CUDA one. A "launch" runs the body
+// for EVERY (block, thread) pair of the launch configuration the driver
+// computed (grid-stride iterations included), either in the natural order or
+// in a seeded random permutation of the pairs, which is what a GPU's scheduler
+// does to the order of atomic adds. Atomics become plain adds: threads run one
+// at a time, so each add is indivisible, as an atomic is.
+//
+// Differences from the GPU, on purpose:
+//  - outputs that the kernels must overwrite completely (output,
+//    grad_locations, grad_weights) start as NaN instead of uninitialised
+//    memory, so an element no thread wrote shows up in the tests;
+//  - zero-initialised buffers of 256 MiB or more are anonymous
+//    mmap(MAP_NORESERVE) pages, so a test can use index ranges beyond 2^31
+//    elements without the memory (untouched pages read as zero for free).
+//
+// Registered as torch.ops.detr_deform_emulation.* (its own library, loaded by
+// detr_deform.ops.emulation); nothing here is part of the operator itself.
+#include <sys/mman.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda_driver.h"
+#include "ms_deform_attn.h"
+
+namespace detr_deform {
+namespace emulation {
+namespace {
+
+using namespace cuda_kernels;
+
+constexpr int64_t kMmapThresholdBytes = int64_t(256) << 20;
+
+struct HostAtomicAdd {
+  template <typename T>
+  static void add(T* address, T value) {
+    *address += value;
+  }
+};
+
+at::Tensor huge_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  const size_t bytes = std::max<size_t>(1, static_cast<size_t>(numel) * c10::elementSize(dtype));
+  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  TORCH_CHECK(data != MAP_FAILED, "detr_deform emulation: mmap(MAP_NORESERVE) of ", bytes,
+              " bytes failed (is vm.overcommit_memory = 2 on this machine?)");
+  return at::from_blob(
+      data, sizes, [bytes](void* pointer) { munmap(pointer, bytes); },
+      at::TensorOptions().dtype(dtype));
+}
+
+// What the last emulated call launched: kernel, blocks, threads per block, and
+// how many (block, thread) bodies ran.
+struct LaunchRecord {
+  std::string kernel;
+  int64_t blocks, threads, bodies;
+};
+std::mutex g_records_mutex;
+std::vector<LaunchRecord> g_records;
+
+void record(const char* kernel, const LaunchConfig& config, int64_t bodies) {
+  const std::lock_guard<std::mutex> lock(g_records_mutex);
+  g_records.push_back({kernel, config.blocks, config.threads, bodies});
+}
+
+// Runs body(block, thread) for every pair of the grid; seed 0 is the natural
+// order (block by block), any other seed a Fisher-Yates permutation drawn from
+// std::mt19937_64 (fully specified by the standard, so portable).
+template <typename Body>
+void run_grid(const char* kernel, const LaunchConfig& config, uint64_t seed, const Body& body) {
+  const int64_t count = config.blocks * config.threads;
+  if (seed == 0) {
+    for (int64_t block = 0; block < config.blocks; ++block) {
+      for (int64_t thread = 0; thread < config.threads; ++thread) body(block, thread);
+    }
+  } else {
+    std::vector<int64_t> order(count);
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::mt19937_64 rng(seed);
+    for (int64_t i = count - 1; i > 0; --i) {
+      std::swap(order[i], order[static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1))]);
+    }
+    for (const int64_t pair : order) body(pair / config.threads, pair % config.threads);
+  }
+  record(kernel, config, count);
+}
+
+struct EmulatedLauncher {
+  uint64_t seed;
+  int64_t block_cap;
+
+  int64_t max_blocks() const { return block_cap; }
+  at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >=
+        kMmapThresholdBytes) {
+      return huge_zeros(sizes, options.dtype().toScalarType());
+    }
+    return at::zeros(sizes, options);
+  }
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >=
+        kMmapThresholdBytes) {
+      return huge_zeros(sizes, options.dtype().toScalarType());
+    }
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+
+  template <typename scalar_t>
+  void forward(const LaunchConfig& c, const ForwardParams<scalar_t>& p) {
+    run_grid("forward", c, seed, [&](int64_t block, int64_t thread) {
+      forward_thread(block, thread, c.threads, c.blocks, p);
+    });
+  }
+  template <typename scalar_t, typename Scatter>
+  void backward(const LaunchConfig& c, const BackwardParams<scalar_t>& p, const Scatter& scatter) {
+    run_grid("backward", c, seed, [&](int64_t block, int64_t thread) {
+      backward_thread(block, thread, c.threads, c.blocks, p, scatter);
+    });
+  }
+  template <typename scalar_t, typename key_t>
+  void gather(const LaunchConfig& c, const GatherParams<scalar_t, key_t>& g) {
+    run_grid("gather", c, seed, [&](int64_t block, int64_t thread) {
+      gather_thread(block, thread, c.threads, c.blocks, g);
+    });
+  }
+};
+
+EmulatedLauncher make_launcher(int64_t shuffle_seed, int64_t max_blocks) {
+  TORCH_CHECK_VALUE(max_blocks >= 0,
+                    "detr_deform emulation: max_blocks must be >= 0 (0: the real cap), got ",
+                    max_blocks);
+  {
+    const std::lock_guard<std::mutex> lock(g_records_mutex);
+    g_records.clear();
+  }
+  return EmulatedLauncher{static_cast<uint64_t>(shuffle_seed),
+                          max_blocks == 0 ? kMaxBlocks : max_blocks};
+}
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                   const at::Tensor& attention_weights, int64_t shuffle_seed, int64_t max_blocks) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
+  EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
+  return cuda_kernels::forward(in, launcher);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, bool deterministic, int64_t shuffle_seed,
+    int64_t max_blocks, bool wide_keys) {
+  const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights);
+  const auto grad = prepare_grad_output(grad_output, in);
+  EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
+  // Same selection as the CUDA entry point, global deterministic flag included.
+  return cuda_kernels::backward<HostAtomicAdd>(in, grad, use_deterministic(deterministic),
+                                               wide_keys, launcher);
+}
+
+std::vector<int64_t> launch_config_op(int64_t work, int64_t max_blocks) {
+  const LaunchConfig config = launch_config(work, max_blocks == 0 ? kMaxBlocks : max_blocks);
+  return {config.blocks, config.threads};
+}
+
+// "kernel blocks threads bodies" per launch, one launch per line.
+std::string last_launches() {
+  const std::lock_guard<std::mutex> lock(g_records_mutex);
+  std::ostringstream out;
+  for (const auto& r : g_records)
+    out << r.kernel << " " << r.blocks << " " << r.threads << " " << r.bodies << "\n";
+  return out.str();
+}
+
+at::Tensor huge_zeros_op(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return huge_zeros(sizes, dtype);
+}
+
+}  // namespace
+}  // namespace emulation
+}  // namespace detr_deform
+
+TORCH_LIBRARY(detr_deform_emulation, m) {
+  m.def(
+      "forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor "
+      "sampling_locations, "
+      "Tensor attention_weights, int shuffle_seed=0, int max_blocks=0) -> Tensor");
+  m.def(
+      "backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, bool deterministic=False, int "
+      "shuffle_seed=0, "
+      "int max_blocks=0, bool wide_keys=False) -> (Tensor, Tensor, Tensor)");
+  m.def("launch_config(int work, int max_blocks=0) -> int[]",
+        &detr_deform::emulation::launch_config_op);
+  m.def("last_launches() -> str", &detr_deform::emulation::last_launches);
+  m.def("huge_zeros(int[] size, ScalarType dtype) -> Tensor",
+        &detr_deform::emulation::huge_zeros_op);
+}
+
+TORCH_LIBRARY_IMPL(detr_deform_emulation, CPU, m) {
+  m.impl("forward", &detr_deform::emulation::forward);
+  m.impl("backward", &detr_deform::emulation::backward);
+}

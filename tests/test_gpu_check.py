@@ -1,0 +1,87 @@
+"""tools/gpu_check.py without a GPU: its no-CUDA mode (emulated kernel checks, every GPU
+part listed as skipped), the dry run of all GPU parts on the CPU at tiny sizes
+(--device cpu --tiny), and its reporting of failures and budget overruns."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_PARTS = ["build", "op_tests", "op_bench", "ddp", "model_bench", "train_demo", "compile"]
+NO_GPU = [] if not torch.cuda.is_available() else ["--device", "none"]  # the default, on a machine without CUDA
+
+
+def gpu_check(tmp_path: Path, *args: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, list[str], dict]:
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "tools/gpu_check.py", "--output-dir", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    report = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    return done, lines, report
+
+
+def test_without_gpu_runs_the_emulated_checks_and_lists_the_gpu_parts(tmp_path):
+    checks = ["launch_config", "reference/odd_multi_level/float64", "shuffled_thread_order"]
+    done, lines, report = gpu_check(tmp_path, *NO_GPU, "--emulation-checks", *checks)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert lines[-1] == "4 passed, 0 failed"  # the harness build + 3 checks
+    assert lines[-2] == f"{len(GPU_PARTS)} skipped"
+    for part in GPU_PARTS:
+        assert any(line.startswith(f"skipped: {part}/") and "no CUDA device" in line for line in lines), part
+    passed = [r["name"] for r in report["results"] if r["status"] == "passed"]
+    assert passed == ["build harness", *checks]
+    assert "| emulation | shuffled_thread_order | passed |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_failing_check_fails_the_run(tmp_path):
+    done, lines, report = gpu_check(tmp_path, *NO_GPU, "--emulation-checks", "launch_config", "no_such_check")
+    assert done.returncode == 1
+    assert lines[-1] == "2 passed, 1 failed"
+    failed = [r for r in report["results"] if r["status"] == "failed"]
+    assert len(failed) == 1 and "KeyError" in failed[0]["note"] and failed[0]["data"]["traceback"]
+
+
+def test_parts_that_would_overrun_are_skipped(tmp_path):
+    done, lines, _ = gpu_check(tmp_path, *NO_GPU, "--budget-s", "5")
+    assert done.returncode == 0
+    assert lines[-1] == "0 passed, 0 failed"
+    assert any(line.startswith("skipped: emulation/") and "would overrun" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
+    return gpu_check(tmp_path, "--device", "cpu", "--tiny", "--budget-s", "900", "--parts", *GPU_PARTS), tmp_path
+
+
+def test_dry_run_of_the_gpu_parts_on_cpu(dry_run):
+    (done, lines, report), _ = dry_run
+    assert done.returncode == 0, "\n".join(lines[-40:]) + done.stderr[-3000:]
+    assert re.fullmatch(r"\d+ passed, 0 failed", lines[-1])
+    results = report["results"]
+    for part in GPU_PARTS:
+        assert any(r["part"] == part and r["status"] == "passed" for r in results), f"{part} passed nothing"
+    skipped = {(r["part"], r["name"]) for r in results if r["status"] == "skipped"}
+    assert skipped == {("op_tests", "large_offsets")}, skipped  # needs GPU memory; emulated in CI instead
+    names = {(r["part"], r["name"]) for r in results}
+    for expected in [("op_tests", "deterministic_bitwise"), ("op_tests", "gradcheck_fp64"),
+                     ("op_bench", "encoder/bfloat16"), ("op_bench", "targets"), ("ddp", "ddp_step"),
+                     ("model_bench", "r50_two_stage/train/fp16/b2"), ("model_bench", "r50_two_stage/train/bf16/b2"),
+                     ("model_bench", "dat_tiny/train/off/b2"), ("model_bench", "r50/infer/bf16/b2"),
+                     ("model_bench", "targets"), ("train_demo", "loss_falls"),
+                     ("compile", "inference"), ("compile", "training_step")]:
+        assert expected in names, expected
+
+
+def test_dry_run_report(dry_run):
+    (_, _, report), tmp_path = dry_run
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "## MSDeformAttn operator" in markdown and "## Models" in markdown
+    ddp = next(r for r in report["results"] if r["name"] == "ddp_step")
+    assert ddp["data"]["backend"] == "gloo" and ddp["data"]["max_diff"] == 0.0
+    bench = next(r for r in report["results"] if r["name"] == "encoder/float32")
+    assert bench["data"]["cpp"]["forward_backward_ms"] > 0 and bench["data"]["speedup"] > 0

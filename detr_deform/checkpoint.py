@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +37,67 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file and the fix."""
 
 
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save's default format (a zip archive)
+PICKLE_MAGIC = b"\x80"        # the legacy torch.save format starts with a pickle protocol marker
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True and the allow-list; clear errors."""
+    """torch.load with weights_only=True and the allow-list; one clear CheckpointError
+    for anything that is not a readable, intact PyTorch checkpoint (our files' weights
+    checksum is verified; files without one, older or not ours, load as they are)."""
     file = Path(path)
+    if file.is_dir():
+        raise CheckpointError(f"{file} is a directory, not a checkpoint file: pass the file inside it (e.g. "
+                              f"{file / 'checkpoint_best.pth'}), or a Hugging Face folder with its config.json")
     if not file.is_file():
         raise CheckpointError(f"checkpoint not found: {file}")
+    _check_format(file)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(file, map_location="cpu", weights_only=True)
+            content = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower() and "unsupported global" not in str(error).lower():
+            raise CheckpointError(f"{file}: not a readable PyTorch checkpoint (truncated or corrupted?): "
+                                  f"UnpicklingError: {_first_line(error)}") from error
         raise CheckpointError(
             f"{file}: refused to load: it contains pickled Python objects outside the allow-list "
             f"(tensors, containers, argparse.Namespace, yacs CfgNode). Checkpoints are read with weights_only=True so that a "
             f"file cannot run code. If you trust the file, re-save only its state dict. Details: "
-            f"{str(error).splitlines()[0]}"
+            f"{_first_line(error)}"
         ) from error
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as error:
+    except Exception as error:  # a damaged archive or pickle can fail in torch.load in any way
         raise CheckpointError(
-            f"{file}: not a readable PyTorch checkpoint (truncated or corrupted?): {type(error).__name__}: {error}"
+            f"{file}: not a readable PyTorch checkpoint (truncated or corrupted?): {type(error).__name__}: "
+            f"{_first_line(error)}"
         ) from error
+    _verify_checksum(content, file)
+    return content
+
+
+def _check_format(file: Path) -> None:
+    with open(file, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+        return
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
+        raise CheckpointError(f"{file}: a safetensors file (Hugging Face): it loads together with the config.json "
+                              f"of its folder; pass the folder, or put config.json beside the file")
+    kind = "an empty file" if not head else ("a text file" if _is_text(head) else "not a PyTorch checkpoint")
+    raise CheckpointError(f"{file}: {kind} (PyTorch checkpoints are zip archives or pickles, this starts with "
+                          f"{head[:8]!r}); pass a .pth written by torch.save")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -68,20 +110,53 @@ def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, torch.Tens
     raise CheckpointError(f"{path}: no model weights found (expected a dict with a 'model' state dict)")
 
 
+def weights_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _verify_checksum(content: Any, file: Path) -> None:
+    if not (isinstance(content, dict) and content.get("format") == FORMAT and "weights_sha256" in content):
+        return
+    model = content.get("model")
+    if not isinstance(model, dict) or weights_checksum(model) != content["weights_sha256"]:
+        raise CheckpointError(f"{file}: the weights do not match the checksum stored when the file was written: the "
+                              f"file was damaged afterwards (disk, copy or transfer). Use a copy of it, or the run's "
+                              f"other checkpoint (checkpoint_last.pth / checkpoint_best.pth)")
+
+
 def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
     """Writes ``content`` atomically: a temporary file in the same folder, fsync,
-    then rename, so an interrupted save never replaces a good checkpoint."""
+    then rename, so an interrupted save never replaces a good checkpoint. Our
+    format gets a checksum of its weights; the file gets the usual permissions
+    (0666 minus the umask), not the private ones of a temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if content.get("format") == FORMAT and isinstance(content.get("model"), dict):
+        content = {**content, "weights_sha256": weights_checksum(content["model"])}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(content, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as raw:
+            handle = _ErrorRecorder(raw)
+            try:
+                torch.save(content, handle)
+            except RuntimeError as error:
+                # torch's zip writer reports a failed write as "enforce fail ... unexpected pos"; say what the OS said.
+                raise handle.error or error
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
@@ -91,3 +166,34 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
                                   f"{previous}") from error
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _ErrorRecorder:
+    """A binary file wrapper that remembers the OSError of a failed write."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)

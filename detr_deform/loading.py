@@ -83,19 +83,40 @@ def model_from_content(content: Any, path: str | os.PathLike, device: str | torc
         model = build_model(cfg)  # validates the configuration (once)
     except ValueError as error:
         raise CheckpointError(f"{path}: the model configuration is not usable: {error}") from error
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        example = (f"e.g. {wrong[0]} is {tuple(state[wrong[0]].shape)} in the file but {tuple(own[wrong[0]].shape)} "
+                   f"in the model; " if wrong else "")
         raise CheckpointError(
             f"{path}: weights do not match the model described by its configuration "
             f"(with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}, "
-            f"num_feature_levels={cfg.num_feature_levels}, backbone={cfg.backbone}): "
-            f"{len(result.missing_keys)} missing key(s) {result.missing_keys[:4]}, "
-            f"{len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:4]}"
-        )
+            f"num_feature_levels={cfg.num_feature_levels}, backbone={cfg.backbone}, hidden_dim={cfg.hidden_dim}): "
+            f"{len(wrong)} tensor(s) of another shape, {len(missing)} missing key(s) {missing[:4]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:4]}; {example}is the stored configuration (official: "
+            f"'args') the one the weights were trained with? To start a differently shaped model from these "
+            f"weights, use runtime.init_from (fine-tuning)")
+    model.load_state_dict(state)
+    bad = nonfinite_tensors(state)
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values, e.g. {bad[:3]}: the model's "
+                      f"outputs are not meaningful (was the run stopped by a non-finite loss?)",
+                      NonFiniteWeightsWarning, stacklevel=2)
     return model.to(device).eval(), cfg
 
 
-def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+class NonFiniteWeightsWarning(UserWarning):
+    """A loaded checkpoint holds NaN/inf weights (its predictions are meaningless)."""
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an inf."""
+    return [name for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def init_from(model: nn.Module, path: str | os.PathLike, allow_nonfinite: bool = False) -> dict[str, list[str]]:
     """Fine-tuning initialisation: copies every weight whose name and shape fit,
     and reports the rest (e.g. a class head of another size) instead of failing.
 
@@ -103,6 +124,10 @@ def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]
     """
     path = Path(path)
     state = state_dict_of(read_content(path), path)
+    bad = [] if allow_nonfinite else nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"runtime.init_from={path}: {len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[:3]}); "
+                              f"set runtime.allow_nonfinite_weights=true to start from them anyway")
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     report = {

@@ -165,21 +165,30 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous_file(tmp_
     assert list(tmp_path.iterdir()) == [path]
 
 
-def torchrun(args, nproc: int, max_restarts: int, port: int, timeout=600, **faults):
+def torchrun(args, nproc: int, max_restarts: int, port: int, timeout=600, rdzv: str = "static", **faults):
+    where = (["--master_addr=127.0.0.1", f"--master_port={port}"] if rdzv == "static" else
+             ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"])
     cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", FAULTS, *args]
+           *where, FAULTS, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env(**faults))
 
 
-def test_torchrun_restart_resumes_from_the_latest_checkpoint(tiny_demo_root, tmp_path):
+@pytest.mark.parametrize("nproc, rdzv, port", [(1, "static", 29651), (2, "static", 29655), (2, "c10d", 29659)])
+def test_torchrun_restart_resumes_from_the_latest_checkpoint(tiny_demo_root, tmp_path, nproc, rdzv, port):
+    """A worker dies (rank 1 of 2: the other one is stopped by the agent); torchrun --max-restarts
+    starts all workers again, and they rejoin (a fresh store namespace per attempt) and resume."""
     out = tmp_path / "run"
-    done = torchrun(tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3"), nproc=1, max_restarts=1,
-                    port=29651, FAULT_CRASH_AT_STEP=5, FAULT_CRASH_ONCE=1)
+    start = time.time()
+    done = torchrun(tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3", "runtime.dist_timeout_s=120",
+                                    batch_size=2 if nproc == 1 else 1),
+                    nproc=nproc, max_restarts=1, port=port, rdzv=rdzv, timeout=300, FAULT_CRASH_AT_STEP=5,
+                    FAULT_CRASH_ONCE=1, FAULT_CRASH_RANK=nproc - 1)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "injected crash at step 5" in done.stdout
+    assert f"injected crash at step 5 on rank {nproc - 1}" in done.stdout
     assert "resumed from" in done.stdout and "at epoch 1 (step 3)" in done.stdout
     state = read_checkpoint(out / "checkpoint_last.pth")
     assert state["epoch"] == 2 and state["step"] == 9
+    assert time.time() - start < 240
 
 
 def test_a_failing_rank_ends_the_whole_job(tiny_demo_root, tmp_path):

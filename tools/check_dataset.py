@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detr_deform.data.report import check_dataset
+from detr_deform.utils.files import OutputError, write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         content = [{**asdict(r), "annotation_file": str(r.annotation_file), "image_folder": str(r.image_folder),
                     "ok": r.ok} for r in reports]
-        args.json.write_text(json.dumps(content, indent=2))
+        try:
+            write_text(args.json, json.dumps(content, indent=2))
+        except OutputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -6,31 +6,40 @@
     python tools/eval.py ckpt.pth --images /data/val --annotations /data/val.json --dump-detections dets.json
     torchrun --nproc_per_node=8 tools/eval.py ckpt.pth --coco-path /data/coco
 
-Prints the 12 COCO metrics and writes them as JSON (--output, default next to
-the checkpoint as <name>.eval.json). Distributed evaluation gives exactly the
-single-process result (every image is evaluated once).
+Prints the 12 COCO metrics and writes them as JSON (--output; default next to
+the checkpoint as <name>.eval.json, or outputs/eval/<name>.eval.json when that
+folder is read-only). Distributed evaluation gives exactly the single-process
+result (every image is evaluated once). A checkpoint with NaN/inf weights is
+evaluated with a warning next to the metrics (and in the JSON).
+Exit status: 0 done; 2 bad arguments, checkpoint, data or device (one line on
+stderr); 1 an output file that could not be written.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
 from detr_deform.checkpoint import CheckpointError
-from detr_deform.loading import model_from_content, read_content
+from detr_deform.loading import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
 from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
-from detr_deform.config import DataConfig
+from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine import distributed
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.steps import evaluate
 from detr_deform.models.build import build_postprocessor
+from detr_deform.utils.device import DeviceError
+from detr_deform.utils.files import OutputError, write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,45 +93,68 @@ def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
     return images, annotations, val_size, max_size
 
 
+def default_output(checkpoint: str) -> Path:
+    """<checkpoint>.eval.json beside the checkpoint, or outputs/eval/ when that folder is read-only."""
+    beside = Path(checkpoint).with_suffix(".eval.json") if Path(checkpoint).is_file() else \
+        Path(checkpoint) / "eval.json"
+    if os.access(beside.parent, os.W_OK):
+        return beside
+    return Path("outputs") / "eval" / f"{Path(checkpoint).stem}.eval.json"
+
+
+def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
+    content = read_content(args.checkpoint)
+    saved_config = content.get("config", {}) if isinstance(content, dict) else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWeightsWarning)  # reported below, next to the metrics
+        model, cfg = model_from_content(content, args.checkpoint, device=dist_info.device)
+    broken = nonfinite_tensors(model.state_dict())
+    if args.topk:
+        cfg.num_select = args.topk
+    images, annotations, val_size, max_size = resolve_data(args, saved_config)
+    dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
+    if dataset.num_classes > cfg.num_classes:
+        raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
+                           f"predicts {cfg.num_classes} classes")
+    batch_size = args.batch_size or saved_batch_size(saved_config)
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=args.num_workers)
+    bar = tqdm(total=len(sampler), desc="evaluating") if dist_info.is_main and sys.stderr.isatty() else None
+    metrics, detections, _ = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
+                                      progress=bar.update if bar is not None else None, coco_eval=args.coco_eval)
+    if not dist_info.is_main:
+        return
+    print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
+    print(format_metrics_table(metrics))
+    if broken:
+        print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "
+              f"metrics are not meaningful", file=sys.stderr)
+    output = Path(args.output) if args.output else default_output(args.checkpoint)
+    write_text(output, json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
+                                   "num_images": len(dataset), "metrics": metrics,
+                                   "nonfinite_weight_tensors": broken}, indent=2))
+    print(f"metrics written to {output}")
+    if args.dump_detections:
+        write_text(args.dump_detections, json.dumps(detections))
+        print(f"{len(detections)} detections written to {args.dump_detections}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dist_info = distributed.init_distributed(args.device, option="--device")
     try:
-        content = read_content(args.checkpoint)
-        saved_config = content.get("config", {}) if isinstance(content, dict) else {}
-        model, cfg = model_from_content(content, args.checkpoint, device=dist_info.device)
-        if args.topk:
-            cfg.num_select = args.topk
-        images, annotations, val_size, max_size = resolve_data(args, saved_config)
-        dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
-        if dataset.num_classes > cfg.num_classes:
-            raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
-                               f"predicts {cfg.num_classes} classes")
-        batch_size = args.batch_size or saved_batch_size(saved_config)
-        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                            num_workers=args.num_workers)
-        progress = None
-        if dist_info.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(sampler), desc="evaluating")
-            progress = bar.update
-        metrics, detections, _ = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
-                                          progress=progress, coco_eval=args.coco_eval)
-        if dist_info.is_main:
-            print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
-            print(format_metrics_table(metrics))
-            output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
-            output.write_text(json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
-                                          "num_images": len(dataset), "metrics": metrics}, indent=2))
-            print(f"metrics written to {output}")
-            if args.dump_detections:
-                Path(args.dump_detections).write_text(json.dumps(detections))
-                print(f"{len(detections)} detections written to {args.dump_detections}")
-    except (CheckpointError, DatasetError) as error:
+        dist_info = distributed.init_distributed(args.device, option="--device")
+    except DeviceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        run(args, dist_info)
+    except (CheckpointError, DatasetError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OutputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         distributed.cleanup()
     return 0

@@ -33,13 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int)
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16 for GridSample)")
     parser.add_argument("--check-images", nargs="*", default=[],
-                        help="image files/folders/globs for the onnxruntime check (default: 3 random images)")
-    parser.add_argument("--max-check-images", type=int, default=4)
+                        help="image files/folders/globs for the onnxruntime check (default: random images)")
+    parser.add_argument("--max-check-images", type=int, default=3,
+                        help="at most this many images are compared (also the number of random ones)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest acceptable absolute difference")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     if args.opset < 16:
         parser.error("--opset must be >= 16 (GridSample)")
+    if args.max_check_images < 1:
+        parser.error(f"--max-check-images must be at least 1, got {args.max_check_images}")
     return args
 
 
@@ -52,7 +55,7 @@ def check_images(args: argparse.Namespace, height: int, width: int) -> list[torc
 
     if not args.check_images:
         generator = torch.Generator().manual_seed(0)
-        return [torch.randn(3, height, width, generator=generator) for _ in range(3)]
+        return [torch.randn(3, height, width, generator=generator) for _ in range(args.max_check_images)]
     tensors = []
     for path in collect_images(args.check_images)[: args.max_check_images]:
         image = F.to_dtype(F.to_image(load_rgb_image(path)), torch.float32, scale=True)
@@ -65,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from detr_deform.checkpoint import CheckpointError
     from detr_deform.data.errors import DatasetError
-    from detr_deform.export import compare_with_onnxruntime, export_onnx
     from detr_deform.detector import Detector
+    from detr_deform.export import compare_with_onnxruntime, export_onnx
+    from detr_deform.utils.device import DeviceError
+    from detr_deform.utils.files import OutputError, write_text
 
     try:
         detector = Detector.from_pretrained(args.checkpoint, device="cpu")
@@ -79,12 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         images = check_images(args, height, width)
         worst = compare_with_onnxruntime(detector.model, output, images)
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+    except (CheckpointError, DatasetError, DeviceError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # writing the ONNX file (disk full, read-only folder)
+        print(f"error: could not write {output}: {error}", file=sys.stderr)
+        return 1
     report = {"onnx": str(output), "height": height, "width": width, "images_checked": len(images),
               "max_abs_diff": worst, "tolerance": args.tolerance, "ok": max(worst.values()) <= args.tolerance}
-    output.with_suffix(".check.json").write_text(json.dumps(report, indent=2))
+    try:
+        write_text(output.with_suffix(".check.json"), json.dumps(report, indent=2))
+    except OutputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"onnxruntime vs PyTorch on {len(images)} image(s): max |diff| pred_logits {worst['pred_logits']:.2e}, "
           f"pred_boxes {worst['pred_boxes']:.2e} ({'OK' if report['ok'] else 'ABOVE'} tolerance {args.tolerance:g})")
     return 0 if report["ok"] else 1

@@ -8,6 +8,8 @@
 Panels: the total loss and each loss term (train steps, optionally smoothed),
 the learning rate, and COCO AP / AP50 / AP75 against the training step.
 Reads the JSON-lines log every run writes (<run>/log.jsonl).
+Exit status: 0 done; 2 a missing or unreadable log (one line on stderr); 1 matplotlib
+missing or the PNG could not be written.
 """
 from __future__ import annotations
 
@@ -118,11 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         logs = [read_log(run) for run in args.runs]
-    except FileNotFoundError as error:
+    except (OSError, UnicodeDecodeError) as error:  # missing, unreadable or not a text file
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        import matplotlib  # noqa: F401  (optional extra: tools)
+    except ImportError:
+        print("error: plot_logs.py needs matplotlib: pip install 'detr_deform[tools]'", file=sys.stderr)
+        return 1
     labels = args.labels or [(run if run.is_dir() else run.parent).name for run in args.runs]
-    output = plot(list(zip(labels, logs)), args.losses, args.smooth, args.output)
+    try:
+        output = plot(list(zip(labels, logs)), args.losses, args.smooth, args.output)
+    except OSError as error:  # the PNG could not be written (read-only folder, disk full)
+        print(f"error: could not write {args.output}: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {output}")
     return 0
 

@@ -8,8 +8,9 @@
 
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
 Exit status: 0 done; 2 a configuration, data or checkpoint problem or a non-finite loss (one line on
-stderr); 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130
-after a second Ctrl-C (nothing saved for the current step).
+stderr); 1 a run file that could not be written (disk full: one line naming it); 128+N stopped by
+signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130 after a second Ctrl-C
+(nothing saved for the current step).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from detr_deform.config import ConfigError, register_configs
 from detr_deform.data.errors import DatasetError
 from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
 from detr_deform.engine.trainer import train
+from detr_deform.utils.files import OutputError
 
 register_configs()
 
@@ -38,6 +40,9 @@ def run(cfg: DictConfig) -> None:
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OutputError as error:
+        print(f"error: {error}; the run's earlier files (checkpoints, logs) are intact", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted by a second Ctrl-C: no checkpoint was written for the current step; the last "
               "checkpoint_last.pth of the run is intact", file=sys.stderr)

@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import check_structure, read_instances_json
+from detr_deform.data.schema import check_structure, fill_coco_defaults, read_instances_json
 
 __all__ = ["CocoDetection", "collate_fn", "load_coco_json", "raise_worker_errors_cleanly", "skipped_in"]
 
@@ -47,8 +47,13 @@ class CocoDetection(torch.utils.data.Dataset):
     ``on_bad_sample``: "error" fails on the first malformed annotation (at
     start-up) or unreadable image (when it is read) with the file and reason;
     "skip" leaves such images out, counts them in a warning and, for an image
-    found unreadable during training, serves the next good one instead and
-    records ``target["skipped"] = [(image_id, reason), ...]``.
+    found unreadable when read, either serves the next good one instead
+    (``replace_bad``, training: batches keep their size) or returns ``(None,
+    target)`` (evaluation: the image is left out, not evaluated twice); both record
+    ``target["skipped"] = [(image_id, reason), ...]``.
+
+    Annotations without the optional COCO fields get their defaults, as
+    pycocotools-based tools assume them: ``area`` = box width × height, ``iscrowd`` = 0.
 
     Random augmentations are seeded per sample from (``seed``, epoch set by
     ``set_epoch``, index), so a sample's augmentation does not depend on the
@@ -57,7 +62,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_folder: str | Path, annotation_file: str | Path,
-                 transforms: Callable | None = None, on_bad_sample: str = "error", seed: int = 0) -> None:
+                 transforms: Callable | None = None, on_bad_sample: str = "error", seed: int = 0,
+                 replace_bad: bool = True) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         self.image_folder = Path(image_folder)
@@ -65,10 +71,12 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"image folder not found: {self.image_folder}")
         self.annotation_file = Path(annotation_file)
         self.on_bad_sample = on_bad_sample
+        self.replace_bad = replace_bad
         self.seed = seed
         self.epoch = 0
         content = read_instances_json(annotation_file)
         excluded = self._check(content)
+        fill_coco_defaults(content)
         self.coco = load_coco_json(annotation_file, content)
         self.ids = sorted(i for i in self.coco.imgs if i not in excluded)
         self.transforms = transforms
@@ -150,6 +158,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         if self.on_bad_sample == "error":
             return self._sample(index)
+        if not self.replace_bad:
+            try:
+                return self._sample(index)
+            except DatasetError as error:
+                image_id = self.ids[index]
+                return None, {"image_id": torch.tensor(image_id), "skipped": [(image_id, str(error))]}
         skipped: list[tuple[int, str]] = []
         for attempt in range(min(len(self.ids), _MAX_CONSECUTIVE_BAD)):
             position = (index + attempt) % len(self.ids)

@@ -25,8 +25,9 @@ def build_datasets(data: DataConfig, root: str | Path | None, seed: int) -> tupl
     val_images, val_annotations = data.split_paths("val", root)
     train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs),
                           on_bad_sample=data.on_bad_sample, seed=seed)
+    # An unreadable validation image is left out of the evaluation, not replaced by another one.
     val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs),
-                        on_bad_sample=data.on_bad_sample, seed=seed)
+                        on_bad_sample=data.on_bad_sample, seed=seed, replace_bad=False)
     return train, val
 
 

@@ -24,6 +24,7 @@ class DatasetReport:
     annotations_per_category: dict[str, int] | None = None
     images_without_annotations: int = 0
     files_checked: bool = False
+    files_not_checked_because: str = "--no-files"
     problems: list[Problem] | None = None
 
     @property
@@ -48,14 +49,14 @@ class DatasetReport:
             lines.append("  annotations per category:")
             lines += [f"    {name:<{width}}  {count}" for name, count in self.annotations_per_category.items()]
         if not self.files_checked:
-            lines.append("  image files not checked (--no-files)")
-        for severity, found in (("errors", self.errors), ("warnings", self.warnings)):
+            lines.append(f"  image files not checked ({self.files_not_checked_because})")
+        for severity, found in (("error", self.errors), ("warning", self.warnings)):
             if not found:
                 continue
             kinds: dict[str, list[Problem]] = {}
             for problem in found:
                 kinds.setdefault(problem.kind, []).append(problem)
-            lines.append(f"  {len(found)} {severity}:")
+            lines.append(f"  {len(found)} {severity}{'s' if len(found) != 1 else ''}:")
             for kind, items in kinds.items():
                 lines.append(f"    {kind} ({len(items)}):")
                 lines += [f"      {item}" for item in items[:max_listed]]
@@ -87,6 +88,7 @@ def check_dataset(image_folder: str | Path, annotation_file: str | Path, check_f
         content = read_instances_json(annotation_file)
     except DatasetError as error:
         report.problems.append(Problem("error", error.kind, str(annotation_file), str(error)))
+        report.files_not_checked_because = "the annotation file could not be read"
         return report
     report.problems.extend(check_structure(content, str(annotation_file)))
     images = [e for e in content["images"] if check_image_entry(e) is None]
@@ -104,6 +106,7 @@ def check_dataset(image_folder: str | Path, annotation_file: str | Path, check_f
     report.images_without_annotations = sum(1 for e in images if e["id"] not in annotated)
     if check_files and not Path(image_folder).is_dir():
         report.problems.append(Problem("error", "missing_file", str(image_folder), "image folder not found"))
+        report.files_not_checked_because = "the image folder was not found"
     elif check_files:
         report.files_checked = True
         bar = None

@@ -129,6 +129,11 @@ def check_structure(content: dict, source: str) -> list[Problem]:
         problem = check_annotation(annotation, image_sizes, category_ids)
         if problem is not None:
             problems.append(dataclasses.replace(problem, annotation_index=index))
+        elif isinstance(annotation, dict) and ("area" not in annotation or "iscrowd" not in annotation):
+            absent = [key for key in ("area", "iscrowd") if key not in annotation]
+            problems.append(Problem("warning", "coco_default_filled", f"annotation {annotation.get('id', '?')}",
+                                    f"no {' / '.join(absent)} (filled: area = box w x h, iscrowd = 0)",
+                                    annotation.get("image_id"), index))
         if isinstance(annotation, dict) and isinstance(annotation.get("id"), (int, str)):
             if annotation["id"] in seen_annotations:
                 problems.append(Problem("error", "duplicate_annotation_id", f"annotation {annotation['id']}",
@@ -160,3 +165,23 @@ def read_instances_json(annotation_file: str | Path) -> dict:
             raise DatasetError(f"{path}: '{key}' must be a list, got {type(content[key]).__name__}",
                                kind="malformed_json")
     return content
+
+
+def fill_coco_defaults(content: dict) -> int:
+    """Sets the optional COCO fields that evaluation reads, where an annotation
+    lacks them: ``area`` = box width × height, ``iscrowd`` = 0. Returns how many
+    annotations were completed."""
+    filled = 0
+    for annotation in content["annotations"]:
+        if not isinstance(annotation, dict):
+            continue
+        missing = "area" not in annotation or "iscrowd" not in annotation
+        if "area" not in annotation and _is_box(annotation.get("bbox")):
+            annotation["area"] = float(annotation["bbox"][2]) * float(annotation["bbox"][3])
+        annotation.setdefault("iscrowd", 0)
+        filled += missing
+    return filled
+
+
+def _is_box(bbox: Any) -> bool:
+    return isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)

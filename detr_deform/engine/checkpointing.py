@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
 from detr_deform.engine.optim import LRSchedule
 from detr_deform.engine.state import TrainState, rng_state, set_rng_state
-from detr_deform.loading import save_checkpoint
+from detr_deform.loading import nonfinite_tensors, save_checkpoint
 
 
 @dataclass
@@ -55,15 +55,21 @@ def save_training_checkpoint(path: Path, parts: TrainingParts, state: TrainState
         category_names={str(k): v for k, v in category_names.items()}, rng=rng or {}, **state.state_dict())
 
 
-def resume_training(path: Path, parts: TrainingParts, rank: int) -> TrainState:
+def resume_training(path: Path, parts: TrainingParts, rank: int, allow_nonfinite: bool = False) -> TrainState:
     """Restores ``parts`` and this rank's random-number state from a training
     checkpoint; returns the progress it recorded. Nothing is changed when the
-    file does not fit the model (CheckpointError naming the tensor)."""
+    file does not fit the model (CheckpointError naming the tensor) or holds
+    NaN/inf weights (unless ``allow_nonfinite``)."""
     content = read_checkpoint(path)
     if not isinstance(content, dict) or not isinstance(content.get("model"), dict) or "step" not in content:
         raise CheckpointError(f"runtime.resume={path}: not a training checkpoint of ours (no model/optimizer/step); "
                               f"to start from its weights use runtime.init_from={path}")
     _check_fits(content["model"], parts.model, path)
+    bad = [] if allow_nonfinite else nonfinite_tensors(content["model"])
+    if bad:
+        raise CheckpointError(f"runtime.resume={path}: {len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[:3]}): "
+                              f"training would continue from broken weights. Resume from an earlier checkpoint, or "
+                              f"set runtime.allow_nonfinite_weights=true to continue anyway")
     parts.model.load_state_dict(content["model"])
     parts.optimizer.load_state_dict(content["optimizer"])
     parts.scheduler.load_state_dict(content["lr_scheduler"])

@@ -30,15 +30,21 @@ METRIC_DESCRIPTIONS = [
 ]
 
 
-def detections_to_coco(image_ids: list[int], results: list[dict]) -> list[dict]:
-    """Post-processed detections (xyxy, absolute) -> COCO results entries (xywh)."""
-    entries = []
+def detections_to_coco(image_ids: list[int], results: list[dict]) -> tuple[list[dict], int]:
+    """Post-processed detections (xyxy, absolute) -> COCO results entries (xywh),
+    and the number left out because a box or score is NaN/inf (pycocotools would
+    count NaN boxes as matches)."""
+    entries, nonfinite = [], 0
     for image_id, result in zip(image_ids, results):
         boxes = result["boxes"].float().cpu()
+        scores = result["scores"].float().cpu()
+        finite = torch.isfinite(boxes).all(-1) & torch.isfinite(scores)
+        nonfinite += int((~finite).sum())
+        boxes, scores, labels = boxes[finite], scores[finite], result["labels"].cpu()[finite]
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], -1).tolist()
-        for box, score, label in zip(xywh, result["scores"].tolist(), result["labels"].tolist()):
+        for box, score, label in zip(xywh, scores.tolist(), labels.tolist()):
             entries.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)})
-    return entries
+    return entries, nonfinite
 
 
 def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[dict], list[int]]:

@@ -61,7 +61,9 @@ def _slurm_env() -> None:
 
 
 def init_distributed(device_name: str = "auto", timeout_s: int = 1800, option: str = "runtime.device") -> DistInfo:
-    """Initialises the default process group when launched with several processes."""
+    """Initialises the default process group when launched with several processes.
+    ``timeout_s`` bounds every wait: joining the group and every collective (a dead
+    rank becomes an error, not a hang)."""
     _slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -71,10 +73,26 @@ def init_distributed(device_name: str = "auto", timeout_s: int = 1800, option: s
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        # A bounded timeout turns a dead rank into an error instead of a hang.
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _elastic_attempt_store(world_size, timeout)
+        kwargs = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _elastic_attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the elastic agent's store with a namespace of its own for
+    this restart attempt. The agent keeps one store across restarts (static and
+    c10d rendezvous), so without it a restarted group reads the previous attempt's
+    process-group keys — the dead rank's old address — and fails to connect or
+    hangs. The workers of one agent share its restart count."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"detr_deform/attempt_{attempt}", base)
 
 
 def is_initialized() -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from detr_deform.engine import distributed
+from detr_deform.utils.files import write_text
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -107,9 +108,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
-    path = run_dir / f"nonfinite_step{report['step']}.json"
-    path.write_text(json.dumps(report, indent=2, allow_nan=True))
-    return path
+    return write_text(run_dir / f"nonfinite_step{report['step']}.json", json.dumps(report, indent=2, allow_nan=True))
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from detr_deform.engine.trackers import TensorBoardTracker, Tracker, build_trackers
+from detr_deform.utils.files import writing
 from detr_deform.visualization import denormalize, detection_labels, draw_boxes
 
 
@@ -30,9 +31,11 @@ class RunLogger:
         """Creates the run's log files and starts the trackers (``config``: the resolved configuration)."""
         if not self.enabled or self.log_file is not None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
-        self.trackers = build_trackers(runtime, self.run_dir, config, experiment)
+        with writing(self.run_dir / "log.jsonl"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+        with writing(self.run_dir):
+            self.trackers = build_trackers(runtime, self.run_dir, config, experiment)
 
     @property
     def has_images(self) -> bool:
@@ -43,8 +46,9 @@ class RunLogger:
         if self.log_file is None:
             return
         entry = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
-        self.log_file.write(json.dumps(entry) + "\n")
-        self.log_file.flush()
+        with writing(self.run_dir / "log.jsonl"):
+            self.log_file.write(json.dumps(entry) + "\n")
+            self.log_file.flush()
         if tb_prefix is not None:
             scalars = {k: v for k, v in values.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
@@ -67,7 +71,8 @@ class RunLogger:
         for tracker in self.trackers:
             tracker.close()
         if self.log_file is not None:
-            self.log_file.close()
+            with writing(self.run_dir / "log.jsonl"):
+                self.log_file.close()
 
 
 @torch.no_grad()
@@ -80,6 +85,8 @@ def log_prediction_images(logger: RunLogger, model: nn.Module, postprocessor: nn
     model.eval()
     for index in range(min(count, len(dataset))):
         image, _ = dataset[index]
+        if image is None:  # unreadable, left out (data.on_bad_sample=skip)
+            continue
         outputs = model([image.to(device)])
         size = torch.tensor([image.shape[-2:]], device=device)
         result = postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, size)[0]

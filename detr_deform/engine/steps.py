@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -98,22 +99,38 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader: Iterable, coco_
              amp: str = "off", progress=None,
              coco_eval: str = "pycocotools") -> tuple[dict[str, float], list[dict], str]:
     """Detections for every image of ``loader`` (distributed: gathered and
-    de-duplicated), then COCO bbox metrics. Returns (metrics, detections, table)."""
+    de-duplicated), then COCO bbox metrics. Returns (metrics, detections, table).
+
+    Images the dataset could not read (data.on_bad_sample=skip) are left out of
+    the evaluation, and detections with a NaN/inf box or score are dropped; both
+    with a warning that counts them."""
     model.eval()
     entries: list[dict] = []
     image_ids: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    nonfinite = 0
     for images, targets in raise_worker_errors_cleanly(loader):
-        images = [image.to(device, non_blocking=True) for image in images]
-        with autocast_context(device, amp):
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
-        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        results = postprocessor(outputs, orig_sizes)
-        ids = [int(t["image_id"]) for t in targets]
-        entries.extend(detections_to_coco(ids, results))
-        image_ids.extend(ids)
+        skipped += [record for image, t in zip(images, targets) if image is None for record in t["skipped"]]
+        images, targets = zip(*[(i, t) for i, t in zip(images, targets) if i is not None]) or ((), ())
+        if images:
+            images = [image.to(device, non_blocking=True) for image in images]
+            with autocast_context(device, amp):
+                outputs = model(images)
+            outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
+            orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            ids = [int(t["image_id"]) for t in targets]
+            found, dropped = detections_to_coco(ids, postprocessor(outputs, orig_sizes))
+            entries.extend(found)
+            nonfinite += dropped
+            image_ids.extend(ids)
         if progress is not None:
-            progress(len(ids))
+            progress(len(images))
+    if skipped:
+        warnings.warn(f"evaluation: left out {len(skipped)} unreadable image(s) (data.on_bad_sample=skip), e.g. "
+                      f"{skipped[0][1]}", RuntimeWarning, stacklevel=2)
+    if nonfinite:
+        warnings.warn(f"evaluation: dropped {nonfinite} detection(s) with NaN/inf boxes or scores (non-finite "
+                      f"weights?)", RuntimeWarning, stacklevel=2)
     entries, unique_ids = gather_detections(entries, image_ids)
     metrics, table = evaluate_coco(coco_gt, entries, unique_ids, coco_eval)
     return metrics, entries, table

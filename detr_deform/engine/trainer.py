@@ -27,6 +27,7 @@ from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils.files import write_text, writing
 
 def train(cfg: Config) -> dict[str, float]:
     """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).
@@ -57,7 +58,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
     parts = build_training(cfg, run.model_config(cfg), dist_info, steps_per_epoch, logger)
     state = TrainState()
     if run.resume_path is not None:
-        state = resume_training(run.resume_path, parts, dist_info.rank)
+        state = resume_training(run.resume_path, parts, dist_info.rank, cfg.runtime.allow_nonfinite_weights)
         where = f"epoch {state.next_epoch}" + (f", batch {state.batches_done}" if state.batches_done else "")
         logger.console(f"resumed from {run.resume_path} at {where} (step {state.step})")
     _start_run_files(run, cfg, logger)
@@ -96,7 +97,7 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
     device = dist_info.device
     model = build_model(model_cfg).to(device)
     if cfg.runtime.init_from:
-        report = init_from(model, cfg.runtime.init_from)
+        report = init_from(model, cfg.runtime.init_from, allow_nonfinite=cfg.runtime.allow_nonfinite_weights)
         logger.console(f"init_from {cfg.runtime.init_from}: {len(report['loaded'])} tensors loaded, "
                        f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
     if dist_info.distributed and model_cfg.backbone_norm == "sync_bn":
@@ -147,10 +148,11 @@ def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:
     """Rank 0, once the resume (if any) is known to fit: the run's files."""
     if not logger.enabled:
         return
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with writing(run.run_dir):
+        run.run_dir.mkdir(parents=True, exist_ok=True)
     for path in faults.remove_stale_temporaries(run.run_dir):
         logger.console(f"removed {path.name}, left by an interrupted checkpoint write")
-    (run.run_dir / "config.yaml").write_text(run.config_yaml(cfg))
+    write_text(run.run_dir / "config.yaml", run.config_yaml(cfg))
     logger.open(cfg.runtime, run.saved_config(cfg), cfg.experiment)
 
 
@@ -173,7 +175,7 @@ def _log_epoch(logger: RunLogger, state: TrainState, epoch: int, result: EpochRe
 
 def _finish(run: ResolvedRun, state: TrainState, logger: RunLogger, is_main: bool) -> dict[str, float]:
     if is_main and state.metrics:
-        (run.run_dir / "metrics.json").write_text(json.dumps(state.metrics, indent=2))
+        write_text(run.run_dir / "metrics.json", json.dumps(state.metrics, indent=2))
         logger.console("final validation metrics (COCO bbox):\n" + format_metrics_table(state.metrics))
     logger.close()
     return state.metrics if is_main else {}

@@ -5,12 +5,17 @@ FAULT_CRASH_AT_STEP=5    the process dies (exit 1) at this step ...
 FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
 FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)
 FAULT_SLEEP_S=0.2        sleep after every step (time to send a signal)
+FAULT_EVAL_FAIL=1        the evaluation raises (after the first epoch's training)
+FAULT_LOG_FULL_AT_RECORD=5  writing the 5th log.jsonl record fails with ENOSPC (disk full)
+FAULT_DISK_FULL_AT_START=1  the first file the run writes fails with ENOSPC
 
 Arguments are passed to tools/train.py unchanged.
 """
+import errno
 import os
 import runpy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import detr_deform.engine.loop as loop  # noqa: E402
+import detr_deform.engine.run_logger as run_logger  # noqa: E402
 import detr_deform.engine.trainer as trainer  # noqa: E402
 
 
@@ -66,6 +72,39 @@ def faulty_step(*args, **kwargs):
     return result
 
 
+def failing_evaluate(*args, **kwargs):
+    raise RuntimeError("injected evaluation failure")
+
+
+def full_disk_log(open_logs):
+    def wrapped(self, *args, **kwargs):
+        open_logs(self, *args, **kwargs)
+        real_file, writes = self.log_file, {"n": 0}
+
+        class FullAfter:
+            def write(self, text):
+                writes["n"] += 1
+                if writes["n"] >= int(os.environ["FAULT_LOG_FULL_AT_RECORD"]):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_file.write(text)
+
+            def __getattr__(self, name):
+                return getattr(real_file, name)
+
+        self.log_file = FullAfter()
+    return wrapped
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+if os.environ.get("FAULT_EVAL_FAIL"):
+    trainer.evaluate = failing_evaluate
+if os.environ.get("FAULT_LOG_FULL_AT_RECORD"):
+    run_logger.RunLogger.open = full_disk_log(run_logger.RunLogger.open)
+if os.environ.get("FAULT_DISK_FULL_AT_START"):
+    tempfile.mkstemp = no_space
 trainer.build_criterion = faulty_criterion
 loop.accumulated_step = faulty_step
 torch.manual_seed(0)

@@ -1,0 +1,46 @@
+"""Writing the run's own files (logs, configs, reports, results): atomically
+where a file is replaced, and every failure as one ``OutputError`` that names
+the path and what the OS said (e.g. ``[Errno 28] No space left on device``)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputError(OSError):
+    """A file could not be written; the message names the path and the OS error.
+    Files written before are left as they were."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turns an OSError raised inside the block into an OutputError naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as error:
+        raise OutputError(f"could not write {path}: {error}") from error
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replaces ``path`` with ``text`` atomically (a temporary file, then rename), so
+    a full disk or a kill leaves the previous content; usual permissions."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.fchmod(fd, 0o666 & ~mask)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path

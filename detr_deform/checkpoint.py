@@ -88,11 +88,9 @@ def _check_format(file: Path) -> None:
 
 
 def _is_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    # The head may end inside a multi-byte character: ignore that one.
+    text = head.decode("utf-8", errors="ignore")
+    return len(text) >= len(head) // 2 and all(c.isprintable() or c.isspace() for c in text)
 
 
 def _first_line(error: BaseException) -> str:

@@ -210,3 +210,26 @@ def test_deterministic_runs_are_bitwise_identical(tiny_demo_root, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append([(r["step"], r["loss"], r["loss_ce"], r["grad_norm"]) for r in records(tmp_path / name, "train")])
     assert len(runs[0]) == 5 and runs[0] == runs[1]
+
+
+def test_sigterm_to_the_launcher_exits_143_with_checkpoints(tiny_demo_root, tmp_path):
+    """torchrun itself exits 1 when its job is stopped by SIGTERM; python -m detr_deform.launch (same
+    arguments) exits 128 + 15 after the workers wrote their mid-epoch checkpoint."""
+    out = tmp_path / "run"
+    cmd = [PYTHON, "-m", "detr_deform.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           "--master_port=29663", FAULTS, *tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3",
+                                                           batch_size=1)]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env(FAULT_SLEEP_S=0.5))
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        log = out / "log.jsonl"
+        if log.is_file() and len([line for line in log.read_text().splitlines() if '"train"' in line]) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
+    assert "launch: stopped by SIGTERM" in stderr
+    state = read_checkpoint(out / "checkpoint_last.pth")
+    assert state["batches_done"] > 0 and state["step"] >= 2

@@ -59,7 +59,13 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
         with sync:
             with autocast_context(device, amp):
                 outputs = model(images)
-            loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+            try:
+                loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+            except FloatingPointError:
+                # NaN/inf predictions cannot be matched: a non-finite step, for the caller's policy.
+                optimizer.zero_grad(set_to_none=True)
+                nan = float("nan")
+                return {k: nan for k in weights}, nan, torch.tensor(nan)
             total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
             (scaler.scale(total) if scaler is not None else total).backward()
         terms.append({k: float(v.detach()) for k, v in loss_dict.items()})

@@ -50,7 +50,8 @@ def test_check_dataset_finds_every_kind_of_problem(tmp_path):
     assert kinds == {("missing_file", "error"), ("unreadable_image", "error"), ("size_mismatch", "error"),
                      ("degenerate_box", "warning"), ("unknown_category", "error"),
                      ("duplicate_annotation_id", "error"), ("malformed_annotation", "error"),
-                     ("duplicate_image_id", "error")}
+                     ("duplicate_image_id", "error"), ("coco_default_filled", "warning")}  # the appended one
+
     by_kind = {p["kind"]: p for p in report["problems"]}
     assert "2.jpg" in by_kind["missing_file"]["where"]
     assert {p["image_id"] for p in report["problems"] if p["kind"] == "unreadable_image"} == {3, 7}

@@ -2,7 +2,7 @@
 evaluators, torch.compile against eager, and optional extras named when missing."""
 import copy
 import json
-import random
+import sys
 
 import pytest
 import torch
@@ -14,7 +14,10 @@ from detr_deform.data.coco import load_coco_json
 from detr_deform.engine.coco_eval import evaluate_coco
 from detr_deform.engine.steps import train_step
 from model_helpers import random_targets, tiny_config
-from pipeline_helpers import tiny_train_args, train
+from pipeline_helpers import ROOT, tiny_train_args, train
+
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark_coco_eval import synthetic_coco  # noqa: E402  (the benchmark's data, tested here)
 
 
 def test_mlflow_sqlite_and_wandb_offline_receive_params_metrics_and_checkpoints(tiny_demo_root, tmp_path):
@@ -61,33 +64,8 @@ def test_missing_tracker_or_evaluator_package_is_named_before_the_run(monkeypatc
         compose_config(["experiment=demo", "runtime.coco_eval=faster"])
 
 
-def synthetic_coco(num_images: int, seed: int = 0):
-    """Ground truth and detections (matches with noise, misses, false positives) in COCO format."""
-    rng = random.Random(seed)
-    images = [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, num_images + 1)]
-    annotations, detections = [], []
-    for image in images:
-        for _ in range(rng.randint(0, 6)):
-            x, y, w, h = rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(4, 140), rng.uniform(4, 100)
-            label = rng.randint(1, 5)
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": label,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.05)})
-            if rng.random() < 0.85:
-                detections.append({"image_id": image["id"], "category_id": label if rng.random() < 0.8 else
-                                   rng.randint(1, 5), "bbox": [x + rng.gauss(0, 5), y + rng.gauss(0, 5),
-                                                               w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
-                                   "score": rng.random()})
-        for _ in range(rng.randint(0, 5)):
-            detections.append({"image_id": image["id"], "category_id": rng.randint(1, 5),
-                               "bbox": [rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(4, 140),
-                                        rng.uniform(4, 100)], "score": rng.random()})
-    content = {"images": images, "annotations": annotations,
-               "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 6)]}
-    return content, detections
-
-
 def test_faster_coco_eval_gives_the_pycocotools_metrics():
-    content, detections = synthetic_coco(200)
+    content, detections = synthetic_coco(200, detections_per_image=20)
     coco = load_coco_json("synthetic", content)
     ids = [image["id"] for image in content["images"]]
     reference, _ = evaluate_coco(coco, detections, ids, "pycocotools")

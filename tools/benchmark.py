@@ -50,15 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_config(overrides: list[str], num_classes: int):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from detr_deform.cli import compose_config
 
-    from detr_deform.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
-    validate(cfg)
+    cfg = compose_config(overrides)
     cfg.model.pretrained_backbone = None
     if cfg.model.num_classes is None:
         cfg.model.num_classes = num_classes
@@ -138,25 +132,30 @@ def run_phase(args: argparse.Namespace) -> dict:
         return {"parameters": parameters, "trainable_parameters": trainable,
                 "gflops": counter.get_total_flops() / 1e9, "attention_flops_counted": counted,
                 "baseline_rss_mib": baseline}
+    run_model = torch.compile(model, backend=cfg.runtime.compile_backend) if cfg.runtime.compile else model
     if kind == "infer":
         model.eval()
         images = _images(batch, args.height, args.width, device)
 
         def step():
             with torch.no_grad():
-                model(images)
+                run_model(images)
+    else:
+        criterion = build_criterion(cfg.model).to(device)
+        optimizer = build_optimizer(model, cfg.optim)
+        images = _images(batch, args.height, args.width, device)
+        targets = _targets(batch, cfg.model.num_classes, device)
+        model.train()
 
-        seconds = median_seconds(step, device, args.repeat, args.warmup)
-        return {"batch": batch, "latency_ms": seconds * 1000, "images_per_s": batch / seconds,
+        def step():
+            train_step(run_model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm, cfg.runtime.amp)
+
+    first = median_seconds(step, device, repeat=1, warmup=0)  # with runtime.compile: includes compilation
+    seconds = median_seconds(step, device, args.repeat, args.warmup)
+    if kind == "infer":
+        return {"batch": batch, "latency_ms": seconds * 1000, "images_per_s": batch / seconds, "first_call_s": first,
                 "peak_memory_mib": _peak_memory_mib(device)}
-    criterion = build_criterion(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    images = _images(batch, args.height, args.width, device)
-    targets = _targets(batch, cfg.model.num_classes, device)
-    model.train()
-    seconds = median_seconds(lambda: train_step(model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm,
-                                                cfg.runtime.amp), device, args.repeat, args.warmup)
-    return {"batch": batch, "step_s": seconds, "peak_memory_mib": _peak_memory_mib(device)}
+    return {"batch": batch, "step_s": seconds, "first_call_s": first, "peak_memory_mib": _peak_memory_mib(device)}
 
 
 def measure(args: argparse.Namespace, phase: str) -> dict:
@@ -199,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  inference batch {entry['batch']}: {entry['latency_ms']:.1f} ms "
                      f"({entry['images_per_s']:.2f} img/s), peak memory {entry['peak_memory_mib']:.0f} MiB")
     train = results["train"]
-    lines.append(f"  training step batch {train['batch']}: {train['step_s'] * 1000:.0f} ms, peak memory "
+    lines.append(f"  training step batch {train['batch']}: {train['step_s'] * 1000:.0f} ms (first step "
+                 f"{train['first_call_s']:.1f} s), peak memory "
                  f"{train['peak_memory_mib']:.0f} MiB" + (f" (process baseline {results['baseline_rss_mib']:.0f} MiB)"
                                                          if args.device == "cpu" else ""))
     print("\n".join(lines))

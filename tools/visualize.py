@@ -118,43 +118,39 @@ def attention_maps(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def _data_settings(args: argparse.Namespace) -> dict:
+def _data_settings(args: argparse.Namespace):
+    """The DataConfig to browse with: a run's config.yaml, the demo preset's, or the defaults."""
+    from omegaconf import OmegaConf
+
     from detr_deform.config import DataConfig
 
     if args.run_config is not None:
-        from omegaconf import OmegaConf
-
         if not args.run_config.is_file():
             raise DatasetError(f"--run-config: file not found: {args.run_config}")
-        return dict(OmegaConf.to_container(OmegaConf.load(args.run_config)).get("data", {}))
+        return DataConfig.from_saved(dict(OmegaConf.to_container(OmegaConf.load(args.run_config)).get("data", {})))
     if args.demo:
-        from omegaconf import OmegaConf
-
         demo = Path(__file__).resolve().parent.parent / "configs" / "data" / "demo.yaml"
-        return dict(OmegaConf.to_container(OmegaConf.load(demo)))
-    return {k: getattr(DataConfig(), k) for k in ("train_scales", "max_size", "val_size", "crop_resize_sizes",
-                                                   "crop_min", "crop_max")}
+        return DataConfig.from_saved(dict(OmegaConf.to_container(OmegaConf.load(demo))))
+    return DataConfig()
 
 
 def dataset_samples(args: argparse.Namespace) -> list[Path]:
+    from detr_deform.config import DataConfig
     from detr_deform.data.coco import CocoDetection
-    from detr_deform.data.demo import ensure_demo_dataset
     from detr_deform.data.transforms import build_transforms
     from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
     from detr_deform.visualization import denormalize, draw_boxes, save_image
 
     data = _data_settings(args)
     if args.demo:
-        root = ensure_demo_dataset(data.get("root"))
-        images, annotations = root / f"{args.split}2017", root / "annotations" / f"instances_{args.split}2017.json"
+        images, annotations = DataConfig.coco_layout(data.resolved_root(), args.split)
     elif args.coco_path is not None:
-        images = args.coco_path / f"{args.split}2017"
-        annotations = args.coco_path / "annotations" / f"instances_{args.split}2017.json"
+        images, annotations = DataConfig.coco_layout(args.coco_path, args.split)
     else:
         images, annotations = args.images, args.annotations
-    transforms = build_transforms(args.split, scales=data["train_scales"], max_size=data["max_size"],
-                                  val_size=data["val_size"], crop_resize_sizes=data["crop_resize_sizes"],
-                                  crop_min=data["crop_min"], crop_max=data["crop_max"])
+    transforms = build_transforms(args.split, scales=data.train_scales, max_size=data.max_size,
+                                  val_size=data.val_size, crop_resize_sizes=data.crop_resize_sizes,
+                                  crop_min=data.crop_min, crop_max=data.crop_max)
     dataset = CocoDetection(images, annotations, transforms, seed=args.seed)
     written = []
     for index in range(min(args.num, len(dataset))):

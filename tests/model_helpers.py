@@ -27,3 +27,17 @@ def random_targets(batch_sizes, num_classes=5, generator=None):
         targets.append({"labels": torch.randint(0, num_classes, (count,), generator=g),
                         "boxes": torch.cat([centres, sizes], -1)})
     return targets
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Noise on every parameter (tied ones once, so ties stay) and frozen-BN statistic, so that
+    nothing is trivially zero or one (zero-initialised biases, identity BatchNorm)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif b.is_floating_point():
+                b.add_(torch.randn(b.shape, generator=g) * 0.1)

@@ -10,7 +10,7 @@ import torch
 from detr_deform import build_model, load_model, save_checkpoint
 from detr_deform.checkpoint import read_checkpoint
 from detr_deform.hf import read_hf
-from model_helpers import TINY, VARIANTS, tiny_config
+from model_helpers import TINY, VARIANTS, perturb, tiny_config
 from test_checkpoint import official_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,15 +33,7 @@ def perturbed_official_file(path: Path, variant: str) -> Path:
     zero bias and BatchNorm statistic is perturbed (independent heads stay independent)."""
     torch.manual_seed(5)
     model = build_model(tiny_config(**VARIANTS[variant]))
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif b.is_floating_point():
-                b.add_(torch.randn(b.shape, generator=g) * 0.1)
+    perturb(model, seed=6)
     args = official_args(**{k: v for k, v in TINY.items() if k != "num_classes"}, **VARIANTS[variant])
     torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
     return path

@@ -25,7 +25,7 @@ from detr_deform import CheckpointError, build_model, init_from, load_model, sav
 from detr_deform.hf import config_from_hf, read_hf, state_dict_to_hf
 from detr_deform.layers import MSDeformAttn
 from detr_deform.loading import read_content
-from model_helpers import tiny_config
+from model_helpers import perturb, tiny_config
 
 # Measured: <= 2.4e-7 (fp32 rounding: HF scales q.k^T after the product, runs heads on strided slices).
 ATOL = 1e-5
@@ -64,19 +64,6 @@ def _one_thread():
 def images() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return [torch.randn(3, 96, 80, generator=g), torch.randn(3, 64, 112, generator=g)]
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Noise on every parameter (tied ones once, so ties stay) and frozen-BN statistic."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif b.is_floating_point():
-                b.add_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 def hf_model(**overrides) -> DeformableDetrForObjectDetection:

@@ -85,7 +85,8 @@ class Detector:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
                         val_size: int | None = None, max_size: int | None = None) -> "Detector":
-        """Loads a checkpoint (ours or an official model-zoo file) on ``device``
+        """Loads a checkpoint (ours, an official model-zoo file, or a Hugging Face
+        DeformableDetr directory / model.safetensors / pytorch_model.bin) on ``device``
         (auto: a GPU when one is visible). ``val_size``/``max_size`` override the
         checkpoint's validation sizes. Raises CheckpointError (unusable file) or
         DeviceError (no such device) with a one-line message."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint (ours or an official model-zoo file) with pycocotools.
+"""Evaluate a checkpoint (ours, an official model-zoo file or a Hugging Face folder) with pycocotools.
 
     python tools/eval.py runs/demo/<time>/checkpoint_best.pth              # data from the checkpoint's config
     python tools/eval.py r50_deformable_detr-checkpoint.pth --coco-path /data/coco
@@ -44,7 +44,7 @@ from detr_deform.utils.files import OutputError, write_text
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint file (ours or official)")
+    parser.add_argument("checkpoint", help="checkpoint: ours, an official model-zoo .pth, or a Hugging Face save_pretrained folder")
     parser.add_argument("--coco-path", help="COCO root (val2017/ and annotations/instances_val2017.json)")
     parser.add_argument("--images", help="image folder of a COCO-format set")
     parser.add_argument("--annotations", help="instances JSON of a COCO-format set")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a checkpoint (ours or official) to ONNX and check it with onnxruntime.
+"""Export a checkpoint (ours, official or Hugging Face) to ONNX and check it with onnxruntime.
 
     python tools/export.py runs/demo/<time>/checkpoint_best.pth --output demo.onnx
     python tools/export.py r50_deformable_detr-checkpoint.pth --height 800 --width 1066 --check-images val2017/

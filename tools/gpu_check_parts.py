@@ -219,9 +219,12 @@ MODELS = {"r50": {}, "r50_two_stage": {"with_box_refine": True, "two_stage": Tru
 def model_measurements(tiny: bool) -> list[tuple[str, str, str, int]]:
     """(model, train | infer, amp, batch) to measure; the dry run keeps one of each code path."""
     if tiny:
-        return [("r50_two_stage", "train", amp, 2) for amp in ("off", "fp16", "bf16")] + [
+        return [("r50_two_stage", "train", amp, 2) for amp in ("off", "bf16", "fp16")] + [
             ("r50", "infer", "bf16", 2), ("dat_tiny", "train", "off", 2)]
-    runs = [(m, "train", amp, 2) for m in ("r50", "r50_two_stage") for amp in ("off", "fp16", "bf16")]
+    # The two runs the issue's bf16 target compares come first, so that a part cut short by its budget
+    # still reports them.
+    runs = [("r50_two_stage", "train", amp, 2) for amp in ("off", "bf16", "fp16")]
+    runs += [("r50", "train", amp, 2) for amp in ("off", "fp16", "bf16")]
     runs += [(m, "infer", amp, b) for m in ("r50", "r50_two_stage") for amp in ("off", "bf16") for b in (1, 8)]
     return runs + [("dat_tiny", "train", amp, 2) for amp in ("off", "bf16")]
 
@@ -229,17 +232,24 @@ def model_measurements(tiny: bool) -> list[tuple[str, str, str, int]]:
 def model_bench(ctx) -> None:
     """R50 (plain; two-stage + box refinement) at 800x1066: training step at batch 2 in fp32 / AMP fp16 /
     bf16, inference at batch 1 and 8 (fp32, bf16); DAT-T's training step (fp32, bf16)."""
-    for model, kind, amp, batch in model_measurements(ctx.tiny):
+    for index, (model, kind, amp, batch) in enumerate(model_measurements(ctx.tiny)):
         size = (64, 64) if ctx.tiny else (800, 1066)
         measure = _train_measure if kind == "train" else _infer_measure
         ctx.check(f"{model}/{kind}/{amp}/b{batch}",
                   lambda f=measure, o=MODELS[model], a=amp, b=batch, s=size: f(ctx, o, a, b, s))
-    ctx.check("targets", lambda: _model_targets(ctx))
+        if index == 1:  # both two-stage runs of the target are measured
+            ctx.check("targets", lambda: (_two_stage_targets(ctx), {}))
+    ctx.check("table", lambda: _model_table(ctx))
 
 
-def _model_targets(ctx) -> tuple[str, dict]:
+def _model_table(ctx) -> tuple[str, dict]:
     rows = [[name.split("/")[0], d["kind"], d["amp"], str(d["batch"]), f"{d['step_s'] * 1e3:.0f}",
              f"{d['images_per_s']:.2f}", _fmt(d["peak_mib"], ".0f")] for name, d in ctx.data.items() if "kind" in d]
+    header = ["model", "kind", "amp", "batch", "ms per step", "images/s", "peak MiB"]
+    return f"{len(rows)} measurements", {"tables": {"Models": {"header": header, "rows": rows}}}
+
+
+def _two_stage_targets(ctx) -> str:
     fp32, bf16 = ctx.data.get("r50_two_stage/train/off/b2"), ctx.data.get("r50_two_stage/train/bf16/b2")
     note = "two-stage training not measured in fp32 and bf16"
     if fp32 and bf16:
@@ -249,8 +259,7 @@ def _model_targets(ctx) -> tuple[str, dict]:
         if fp32["peak_mib"] is not None:
             memory = bf16["peak_mib"] / fp32["peak_mib"]
             note += f", peak memory {memory:.2f}x (target <= 0.6x: {'met' if memory <= 0.6 else 'NOT met'})"
-    header = ["model", "kind", "amp", "batch", "ms per step", "images/s", "peak MiB"]
-    return note, {"tables": {"Models": {"header": header, "rows": rows}}}
+    return note
 
 
 # -------------------------------------------------------------------- ddp --

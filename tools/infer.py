@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a checkpoint (ours or an official model-zoo file) on images and videos.
+"""Run a checkpoint (ours, an official model-zoo file or a Hugging Face model directory) on images and videos.
 
     python tools/infer.py runs/demo/<time>/checkpoint_best.pth photos/ --draw
     python tools/infer.py r50_deformable_detr-checkpoint.pth "data/**/*.jpg" --threshold 0.5 --output-dir out/

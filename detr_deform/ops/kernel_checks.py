@@ -121,7 +121,7 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
     largest error relative to the reference's largest magnitude."""
     worst = 0.0
     for name, a, b in zip(GRAD_NAMES, ours, ref):
-        a = a.detach().cpu()
+        a, b = a.detach().cpu(), b.detach().cpu()  # either side may come from a GPU
         assert a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}"
         scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
         rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5 * scale)

@@ -10,8 +10,10 @@
 #include <torch/types.h>
 
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "ms_deform_attn.h"
 
@@ -153,6 +155,55 @@ void check_level_layout(const at::Tensor& value, const at::Tensor& spatial_shape
               " positions (sum of H*W) but value has S = ", num_value);
 }
 
+// On a GPU the layout check needs a device-to-host copy, i.e. a synchronisation. A model
+// passes the same spatial_shapes / level_start_index tensors to every attention layer of a
+// forward (and autograd to every backward), so the last layout that passed is remembered
+// (per thread): one synchronisation per forward, not one per call. The memory is a weak
+// reference to each tensor's storage, so a tensor freed and re-allocated at the same address
+// never matches (a live weak reference keeps the storage object's address from being
+// reused), plus the data pointer, the version counter (bumped by in-place writes) and the
+// sizes. CPU tensors are always checked: no synchronisation involved.
+struct LayoutKey {
+  c10::weak_intrusive_ptr<c10::StorageImpl> shapes_storage, starts_storage;
+  const void* shapes_data;
+  const void* starts_data;
+  int64_t shapes_version, starts_version, levels, num_value;
+
+  static LayoutKey of(const at::Tensor& value, const at::Tensor& shapes,
+                      const at::Tensor& starts) {
+    return LayoutKey{shapes.storage().getWeakStorageImpl(),
+                     starts.storage().getWeakStorageImpl(),
+                     shapes.data_ptr(),
+                     starts.data_ptr(),
+                     static_cast<int64_t>(shapes._version()),
+                     static_cast<int64_t>(starts._version()),
+                     shapes.size(0),
+                     value.size(1)};
+  }
+  bool same_as(const LayoutKey& o) const {
+    return !shapes_storage.expired() && !starts_storage.expired() &&
+           shapes_storage._unsafe_get_target() == o.shapes_storage._unsafe_get_target() &&
+           starts_storage._unsafe_get_target() == o.starts_storage._unsafe_get_target() &&
+           shapes_data == o.shapes_data && starts_data == o.starts_data &&
+           shapes_version == o.shapes_version && starts_version == o.starts_version &&
+           levels == o.levels && num_value == o.num_value;
+  }
+};
+
+void check_level_layout_once(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                             const at::Tensor& level_start_index) {
+  if (spatial_shapes.is_cpu() || !spatial_shapes.has_storage() ||
+      !level_start_index.has_storage()) {
+    check_level_layout(value, spatial_shapes, level_start_index);
+    return;
+  }
+  thread_local std::optional<LayoutKey> last;
+  LayoutKey key = LayoutKey::of(value, spatial_shapes, level_start_index);
+  if (last && last->same_as(key)) return;
+  check_level_layout(value, spatial_shapes, level_start_index);  // raises: `last` is kept
+  last.emplace(std::move(key));
+}
+
 }  // namespace
 
 void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -163,7 +214,7 @@ void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spat
                         attention_weights);
   check_dtypes_and_devices(value, spatial_shapes, level_start_index, sampling_locations,
                            attention_weights);
-  check_level_layout(value, spatial_shapes, level_start_index);
+  check_level_layout_once(value, spatial_shapes, level_start_index);
 }
 
 PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import hashlib
 import os
 import pickle
@@ -75,8 +76,12 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def _check_format(file: Path) -> None:
-    with open(file, "rb") as handle:
-        head = handle.read(16)
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:  # no read permission, a device that went away, ...
+        raise CheckpointError(f"{file}: cannot be read ({error.strerror or error}); check the file's "
+                              f"permissions and that its disk is mounted") from error
     if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
         return
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
@@ -143,7 +148,7 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
+        raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as raw:
@@ -160,9 +165,10 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, (OSError, RuntimeError)):
             previous = "the previous checkpoint there is untouched" if path.exists() else "no file was written"
-            raise CheckpointError(f"could not write checkpoint {path}: {error} (disk full or quota exceeded?); "
-                                  f"{previous}") from error
-        raise
+            full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            raise CheckpointError(f"could not write checkpoint {path}: {error}"
+                                  f"{' (disk full or quota exceeded?)' if full else ''}; {previous}") from error
+        raise  # KeyboardInterrupt (a second Ctrl-C) and the like: the temporary file is gone, nothing replaced
     return path
 
 
@@ -173,23 +179,25 @@ def _umask() -> int:
 
 
 class _ErrorRecorder:
-    """A binary file wrapper that remembers the OSError of a failed write."""
+    """A binary file wrapper that remembers what interrupted a write: the OSError of a
+    failed write, or a KeyboardInterrupt (a second Ctrl-C) raised inside it. torch's zip
+    writer turns either into "enforce fail ... unexpected pos"; the saver re-raises this."""
 
     def __init__(self, raw) -> None:
         self.raw = raw
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
             return self.raw.write(data)
-        except OSError as error:
+        except BaseException as error:
             self.error = error
             raise
 
     def flush(self) -> None:
         try:
             self.raw.flush()
-        except OSError as error:
+        except BaseException as error:
             self.error = error
             raise
 

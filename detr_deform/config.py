@@ -8,17 +8,19 @@ presets: ``experiment=...``.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from detr_deform.data import transforms as official
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.device import DeviceError, resolve_device
 from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
 
-OFFICIAL_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 
 class ConfigError(ValueError):
@@ -33,21 +35,33 @@ class DataConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
-    train_scales: list[int] = bounded(OFFICIAL_TRAIN_SCALES, ge=1)
-    max_size: int = bounded(1333, ge=1)
-    val_size: int = bounded(800, ge=1)
-    crop_resize_sizes: list[int] = bounded([400, 500, 600], ge=1)
-    crop_min: int = bounded(384, ge=1)
-    crop_max: int = bounded(600, ge=1)
+    train_scales: list[int] = bounded(list(official.OFFICIAL_TRAIN_SCALES), ge=1)
+    max_size: int = bounded(official.OFFICIAL_MAX_SIZE, ge=1)
+    val_size: int = bounded(official.OFFICIAL_VAL_SIZE, ge=1)
+    crop_resize_sizes: list[int] = bounded(list(official.OFFICIAL_CROP_RESIZE_SIZES), ge=1)
+    crop_min: int = bounded(official.OFFICIAL_CROP_MIN, ge=1)
+    crop_max: int = bounded(official.OFFICIAL_CROP_MAX, ge=1)
     num_workers: int = bounded(2, ge=0)
     aspect_ratio_grouping: bool = False      # batch images of similar aspect ratio (less padding)
     on_bad_sample: str = choice(("error", "skip"), default="error")  # error (fail naming the file) | skip
 
     @classmethod
-    def from_saved(cls, values: dict) -> "DataConfig":
-        """The data section stored in a checkpoint's config (keys this version does not know are ignored)."""
+    def from_saved(cls, values: Any, source: str = "the checkpoint") -> "DataConfig":
+        """The data section stored in a checkpoint's (or run's) config, checked like a
+        configuration: keys this version does not know are ignored, a known key with a
+        wrong type or value is a ConfigError naming ``source`` and the key."""
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: config 'data' is a {type(values).__name__}, not a mapping; the file was "
+                              f"not written by detr_deform (or was edited)")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (values or {}).items() if k in known})
+        data = cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            check_fields(data, "data")
+        except ValueError as error:
+            raise ConfigError(f"{source}: stored {error}") from error
+        return data
 
     @staticmethod
     def coco_layout(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -185,6 +199,11 @@ def validate(cfg: Config) -> Config:
     for key, path in (("runtime.init_from", r.init_from), ("runtime.resume", r.resume)):
         if path and path != "auto" and not Path(path).exists():
             raise ConfigError(f"{key}: checkpoint not found: {path}")
+    backbone_weights = cfg.model.pretrained_backbone
+    if backbone_weights and backbone_weights != "torchvision" and not Path(backbone_weights).is_file():
+        # also checked where the weights load; here so that the run stops before reading the data
+        raise ConfigError(f"model.pretrained_backbone: backbone weights file not found: {backbone_weights} "
+                          f"(a local .pth: torchvision-format ResNet or dat_*_in1k_*.pth)")
     return cfg
 
 

@@ -18,12 +18,13 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
-from detr_deform.loading import read_content
-from detr_deform.config import DataConfig
+from detr_deform.checkpoint import CheckpointError
+from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
-from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
+from detr_deform.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE,
+                                         official_resize_size)
 from detr_deform.inputs import ImageLike, Inputs, image_inputs, tensor_to_pil
-from detr_deform.loading import model_from_content
+from detr_deform.loading import model_from_content, read_content
 from detr_deform.models.build import build_postprocessor
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.postprocess import PostProcess
@@ -72,7 +73,7 @@ class Detector:
     """
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, category_names: dict[int, str] | None = None,
-                 val_size: int = 800, max_size: int = 1333) -> None:
+                 val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE) -> None:
         if val_size < 1 or max_size < 1:
             raise ValueError(f"val_size and max_size must be >= 1, got {val_size} and {max_size}")
         self.model = model.eval()
@@ -95,8 +96,11 @@ class Detector:
         content = read_content(path)  # the one place the file is read (ours, official or Hugging Face)
         model, cfg = model_from_content(content, path, device)
         saved = content.get("config", {}) if isinstance(content, dict) else {}
-        data = DataConfig.from_saved(saved.get("data", {}) if isinstance(saved, dict) else {})
-        return cls(model, cfg, category_names_of(content, cfg.num_classes), val_size or data.val_size,
+        try:
+            data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=str(path))
+        except ConfigError as error:
+            raise CheckpointError(str(error)) from error
+        return cls(model, cfg, category_names_of(content, cfg.num_classes, path), val_size or data.val_size,
                    max_size or data.max_size)
 
     @property
@@ -175,11 +179,17 @@ def _check_options(threshold: float, topk: int, batch_size: int) -> None:
         raise ValueError(f"threshold must be a number (a score in [0, 1]), got {threshold!r}")
 
 
-def category_names_of(content: Any, num_classes: int) -> dict[int, str]:
+def category_names_of(content: Any, num_classes: int, path: str | os.PathLike = "the checkpoint") -> dict[int, str]:
     """Names stored in our checkpoints; COCO names for official (91-class)
-    files; the class index as text otherwise."""
+    files; the class index as text otherwise. Unusable stored names are a
+    CheckpointError naming ``path``."""
     if isinstance(content, dict) and content.get("category_names"):
-        return {int(k): str(v) for k, v in content["category_names"].items()}
+        names = content["category_names"]
+        try:
+            return {int(k): str(v) for k, v in names.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: 'category_names' must map class ids to names, got {names!r:.80}; "
+                                  f"the file was not written by detr_deform (or was edited)") from None
     if num_classes == 91:
         return dict(COCO_CATEGORY_NAMES)
     return {i: str(i) for i in range(num_classes)}

@@ -30,11 +30,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from detr_deform.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of
+from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE
 from detr_deform.models.config import ModelConfig
 
 MODEL_TYPE = "deformable_detr"
 ARCHITECTURE = "DeformableDetrForObjectDetection"
 CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"  # DeformableDetrImageProcessor: the validation resize
 WEIGHTS_NAME = "model.safetensors"
 # What a save_pretrained folder may hold, in the order transformers looks for them.
 WEIGHTS_NAMES = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -241,8 +243,44 @@ def read_hf(path: str | os.PathLike) -> dict[str, Any]:
     if rows != cfg.num_classes:
         raise CheckpointError(f"{config_file}: id2label has {cfg.num_classes} labels but the class head in "
                               f"{weights_file.name} has {rows} rows; fix id2label (one entry per class logit)")
-    return {"format": FORMAT, "version": VERSION, "model": state, "config": {"model": cfg.to_dict()},
+    saved = {"model": cfg.to_dict()}
+    processor = config_file.parent / PREPROCESSOR_NAME
+    if processor.is_file():
+        saved["data"] = sizes_from_image_processor(_read_json(processor), str(processor))
+    return {"format": FORMAT, "version": VERSION, "model": state, "config": saved,
             "category_names": names, "source": {"format": "hf", "path": str(path)}}
+
+
+def image_processor_config(val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE) -> dict[str, Any]:
+    """The preprocessor_config.json of transformers' DeformableDetrImageProcessor doing our
+    validation preprocessing: shorter side ``val_size``, longer side at most ``max_size``,
+    bilinear, [0, 1] scaling, ImageNet normalisation, padding for batches."""
+    return {"image_processor_type": "DeformableDetrImageProcessor", "format": "coco_detection",
+            "do_resize": True, "size": {"shortest_edge": val_size, "longest_edge": max_size}, "resample": 2,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_pad": True,
+            "do_convert_annotations": True}
+
+
+def sizes_from_image_processor(config: Mapping[str, Any], source: str) -> dict[str, int]:
+    """{"val_size", "max_size"} from a preprocessor_config.json's ``size``; a resize we cannot
+    reproduce (fixed height/width, no resize, other statistics) is a CheckpointError naming it."""
+    size = config.get("size", {"shortest_edge": OFFICIAL_VAL_SIZE, "longest_edge": OFFICIAL_MAX_SIZE})
+    if not config.get("do_resize", True) or not isinstance(size, Mapping) or set(size) != {"shortest_edge",
+                                                                                         "longest_edge"}:
+        raise CheckpointError(f"{source}: size={size!r:.80} (do_resize={config.get('do_resize', True)}) is not "
+                              f"supported: only the shortest_edge/longest_edge resize of DETR models maps onto "
+                              f"our val_size/max_size; remove the file to use 800/1333")
+    for key in ("shortest_edge", "longest_edge"):
+        if isinstance(size[key], bool) or not isinstance(size[key], int) or size[key] < 1:
+            raise CheckpointError(f"{source}: size.{key}={size[key]!r} is not a positive integer")
+    for key, ours in (("image_mean", IMAGENET_MEAN), ("image_std", IMAGENET_STD)):
+        theirs = config.get(key, list(ours))
+        if not (isinstance(theirs, list) and len(theirs) == 3
+                and all(isinstance(v, (int, float)) and abs(v - o) < 1e-6 for v, o in zip(theirs, ours))):
+            raise CheckpointError(f"{source}: {key}={theirs!r:.80} is not supported: our models normalise with "
+                                  f"the ImageNet statistics {list(ours)}")
+    return {"val_size": size["shortest_edge"], "max_size": size["longest_edge"]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -656,11 +694,14 @@ def _prepare_folder(folder: Path) -> None:
 
 
 def save_hf(model: nn.Module, cfg: ModelConfig | Mapping[str, Any], folder: str | os.PathLike,
-            class_names: Mapping[Any, str] | Sequence[str] | None = None) -> Path:
+            class_names: Mapping[Any, str] | Sequence[str] | None = None, val_size: int = OFFICIAL_VAL_SIZE,
+            max_size: int = OFFICIAL_MAX_SIZE) -> Path:
     """Writes ``model`` as a transformers ``save_pretrained`` folder (config.json +
-    model.safetensors, each written atomically) that
+    model.safetensors + preprocessor_config.json, each written atomically) that
     ``DeformableDetrForObjectDetection.from_pretrained(folder)`` loads with no missing or
-    unexpected keys and no tying warnings, and that computes our outputs.
+    unexpected keys and no tying warnings, and that computes our outputs;
+    ``AutoImageProcessor.from_pretrained(folder)`` gets our validation resize
+    (``val_size``/``max_size``) and normalisation.
 
     ``class_names`` ({id: name} or a list) become id2label; default: the COCO names for 91
     classes ("N/A" for unused ids), else the ids as text.
@@ -682,4 +723,6 @@ def save_hf(model: nn.Module, cfg: ModelConfig | Mapping[str, Any], folder: str 
     _write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     _write_atomically(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    processor = json.dumps(image_processor_config(val_size, max_size), indent=2, sort_keys=True) + "\n"
+    _write_atomically(folder / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(processor, encoding="utf-8"))
     return folder

@@ -38,17 +38,21 @@ def config_of(content: Any, path: str | os.PathLike, state: dict[str, torch.Tens
     path = Path(path)
     if isinstance(content, dict) and content.get("format") == FORMAT:
         config = content.get("config", {})
+        model = config.get("model", config) if isinstance(config, dict) else config
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{path}: the stored model configuration is a {type(model).__name__}, not a "
+                                  f"mapping; the file was not written by detr_deform (or was edited)")
         try:
-            return ModelConfig.from_dict(dict(config.get("model", config)), validate=False)
-        except ValueError as error:
+            return ModelConfig.from_dict(dict(model), validate=False)
+        except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: {error}") from error
     if isinstance(content, dict) and isinstance(content.get("args"), (argparse.Namespace, dict)):
         state = state_dict_of(content, path) if state is None else state
         num_classes = state["class_embed.0.bias"].shape[0] if "class_embed.0.bias" in state else None
         try:
             return ModelConfig.from_official_args(content["args"], num_classes=num_classes, validate=False)
-        except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from error
+        except (TypeError, ValueError) as error:  # e.g. args.lr_backbone='x'
+            raise CheckpointError(f"{path}: official 'args': {error}") from error
     raise CheckpointError(
         f"{path}: no model configuration in this file (neither a detr_deform checkpoint nor an official one with "
         f"'args'); pass the configuration explicitly: load_model(path, cfg=ModelConfig(...))"

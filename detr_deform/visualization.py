@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_deform.utils.files import writing
 
 # Colour-blind-friendly palette (Okabe-Ito + extras) for ids 0-11; larger ids get
 # hues spaced by the golden angle, so that every class keeps one stable colour.
@@ -29,10 +30,6 @@ PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#C
            "#FF4F4F", "#7FDBFF", "#2ECC40", "#B10DC9"]
 MIN_SIDE = 512  # shorter side below which pictures are enlarged before drawing
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
-
-
-class OutputError(OSError):
-    """An output file cannot be written (disk full, no permission); the message names it."""
 
 
 def colour_of(category: int) -> str:
@@ -183,14 +180,12 @@ def save_image(image: torch.Tensor | Image.Image, path: Path) -> Path:
     """Writes a (3, H, W) uint8 tensor or a PIL image as PNG or JPEG (by suffix);
     OutputError naming the file when it cannot be written."""
     picture = image if isinstance(image, Image.Image) else Image.fromarray(image.permute(1, 2, 0).numpy())
-    try:
+    with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".jpg", ".jpeg"):
             picture.save(path, quality=92)
         else:
             picture.save(path)
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
     return path
 
 

@@ -34,3 +34,14 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(clip):
     assert moved > 1e-4
     for (name, a), b in zip(big.named_parameters(), small.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_more_micro_batches_per_step_than_an_epoch_has_is_refused():
+    from detr_deform.config import Config, ConfigError
+    from detr_deform.engine.loop import optimizer_steps_per_epoch
+
+    cfg = Config()
+    cfg.optim.accumulate_steps = 4
+    assert optimizer_steps_per_epoch(9, cfg) == 2  # the last micro-batch is left out, as drop_last would
+    with pytest.raises(ConfigError, match=r"optim.accumulate_steps=4 but an epoch has only 3 batch\(es\)"):
+        optimizer_steps_per_epoch(3, cfg)

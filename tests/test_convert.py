@@ -1,6 +1,7 @@
 """tools/convert.py: official -> HF -> ours -> official, bitwise on every weight, and the
 same outputs from every file; exit statuses and one-line errors."""
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -19,13 +20,8 @@ convert = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add synchronisation (and stall on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: extra threads only add synchronisation (and stall on a loaded machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_official_file(path: Path, variant: str) -> Path:
@@ -85,6 +81,17 @@ def test_category_names_travel_and_config_fields(tmp_path, capsys):
     assert official["category_names"] == names and official["args"].set_cost_class == 1.0
     assert math.isclose(official["args"].position_embedding_scale, 2 * math.pi)
     assert load_model(tmp_path / "official.pth")[1].num_select == 100  # no place for it in official args
+
+
+def test_validation_sizes_travel_through_hugging_face(tmp_path):
+    cfg = tiny_config()
+    config = {"model": cfg.to_dict(), "data": {"val_size": 96, "max_size": 128, "num_workers": 0}}
+    save_checkpoint(tmp_path / "ours.pth", build_model(cfg), config)
+    assert convert.main([str(tmp_path / "ours.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    size = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["size"]
+    assert size == {"shortest_edge": 96, "longest_edge": 128}
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "detr_deform"]) == 0
+    assert read_checkpoint(tmp_path / "back.pth")["config"]["data"] == {"val_size": 96, "max_size": 128}
 
 
 def test_exit_statuses_and_one_line_errors(tmp_path, capsys):

@@ -193,6 +193,6 @@ def test_training_fails_fast_or_skips_on_a_corrupt_image(tiny_demo_root, tmp_pat
     assert "Traceback" not in failed.stderr
     done = train(*[a.replace("/out", "/out2") for a in args], "data.on_bad_sample=skip")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"skipped unreadable image" in done.stdout and broken.name in done.stdout
+    assert "skipped unreadable image" in done.stdout and broken.name in done.stdout
     epochs = [json.loads(line) for line in (tmp_path / "out2" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in epochs if r["type"] == "epoch"] == [1]

@@ -13,15 +13,18 @@ import io
 import json
 import logging
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 from transformers.models.deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
+from PIL import Image
 from transformers.utils import logging as hf_logging
 
-from detr_deform import CheckpointError, build_model, init_from, load_model, save_hf
+from detr_deform import CheckpointError, Detector, build_model, init_from, load_model, save_hf
 from detr_deform.hf import config_from_hf, read_hf, state_dict_to_hf
 from detr_deform.layers import MSDeformAttn
 from detr_deform.loading import read_content
@@ -52,13 +55,8 @@ OUR_VARIANTS = {
 LABELS = {0: "cat", 1: "dog", 2: "bird", 3: "car", 4: "tree"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add synchronisation (and stall on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: extra threads only add synchronisation (and stall on a loaded machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images() -> list[torch.Tensor]:
@@ -374,3 +372,60 @@ def test_coco_names_by_default(tmp_path):
         "person", "toothbrush", "N/A", "N/A", 91)
     assert read_hf(tmp_path)["category_names"]["18"] == "dog"
     assert math.isclose(load_model(tmp_path)[1].position_embedding_scale, 2 * math.pi)
+
+
+def test_preprocessor_config_carries_the_validation_resize_both_ways(tmp_path):
+    from transformers import AutoImageProcessor
+
+    cfg = tiny_config()
+    save_hf(build_model(cfg), cfg, tmp_path / "hf", val_size=96, max_size=128)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert type(processor).__name__ in ("DeformableDetrImageProcessor", "DeformableDetrImageProcessorFast")
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (96, 128)
+    assert read_hf(tmp_path / "hf")["config"]["data"] == {"val_size": 96, "max_size": 128}
+    detector = Detector.from_pretrained(tmp_path / "hf", device="cpu")
+    assert (detector.val_size, detector.max_size) == (96, 128)
+    # transformers' processor and ours resize to the same size and normalise alike (a smooth picture:
+    # the two resize kernels differ a little at sharp edges) ...
+    ramp = np.linspace(0, 255, 250, dtype=np.float32)[None, :, None] * np.ones((200, 1, 3), np.float32)
+    picture = Image.fromarray(ramp.astype(np.uint8))
+    theirs = processor(images=picture, return_tensors="pt")["pixel_values"][0]
+    ours = detector.preprocess(torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)).cpu()
+    assert theirs.shape == ours.shape == (3, 96, 120)
+    torch.testing.assert_close(theirs, ours, atol=0.03, rtol=0)
+    # ... except where the longer-side limit binds: the official rounding (ours) can be 1 pixel narrower.
+    wide = Image.new("RGB", (300, 200))
+    assert processor(images=wide, return_tensors="pt")["pixel_values"].shape[-2:] == (85, 128)
+    assert detector.preprocess(torch.zeros(3, 200, 300, dtype=torch.uint8)).shape[-2:] == (85, 127)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"size": {"height": 800, "width": 800}}, "only the shortest_edge/longest_edge resize"),
+    ({"size": {"shortest_edge": 0, "longest_edge": 1333}}, "size.shortest_edge=0 is not a positive integer"),
+    ({"image_mean": [0.5, 0.5, 0.5]}, "image_mean=[0.5, 0.5, 0.5] is not supported"),
+])
+def test_a_preprocessing_we_cannot_reproduce_is_refused(tmp_path, plain_folder, change, message):
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(plain_folder, folder)
+    DeformableDetrImageProcessor().save_pretrained(folder)  # what a hub folder holds beside the model
+    assert read_hf(folder)["config"]["data"] == {"val_size": 800, "max_size": 1333}
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_hf(folder)
+
+
+def test_tools_and_detector_read_a_hugging_face_folder(tmp_path, plain_folder):
+    """eval.py / infer.py and Detector.from_pretrained take the folder where they take our files."""
+    from pipeline_helpers import PYTHON, run
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (120, 90), "white").save(image)
+    detector = Detector.from_pretrained(plain_folder, device="cpu")
+    assert len(detector([image])) == 1
+    done = run([PYTHON, "tools/infer.py", str(plain_folder), str(image), "--device", "cpu", "--output-dir",
+                str(tmp_path / "out"), "--threshold", "0"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "images.json").read_text())["images"][0]["file_name"] == str(image)

@@ -7,11 +7,10 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 from detr_deform import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
 from detr_deform.cli import compose_config
@@ -60,6 +59,48 @@ def test_stored_config_is_validated_like_a_config(saved, tmp_path, changes, mess
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def _rewrite(path, target, edit):
+    content = torch.load(path, weights_only=True)
+    edit(content)
+    torch.save(content, target)
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["config"].update(data={"val_size": "x"}), "stored data.val_size='x' has type str; expected int"),
+    (lambda c: c["config"].update(data={"max_size": 0}), "stored data.max_size=0 is out of range"),
+    (lambda c: c["config"].update(data="coco"), "config 'data' is a str, not a mapping"),
+    (lambda c: c.update(config="model: x"), "the stored model configuration is a str, not a mapping"),
+    (lambda c: c.update(category_names=["cat", "dog"]), "'category_names' must map class ids to names"),
+    (lambda c: c.update(category_names={"one": "cat"}), "'category_names' must map class ids to names"),
+])
+def test_every_stored_section_is_checked_when_a_detector_loads(saved, tmp_path, edit, message):
+    from detr_deform.detector import Detector
+
+    path = _rewrite(saved[0], tmp_path / "bad.pth", edit)
+    with pytest.raises(CheckpointError) as caught:
+        Detector.from_pretrained(path, device="cpu")
+    assert message in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_infer_with_a_bad_stored_value_is_one_line(saved, tmp_path):
+    path = _rewrite(saved[0], tmp_path / "bad.pth", lambda c: c["config"].update(data={"val_size": "x"}))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(image)
+    line = one_line_error(run([PYTHON, "tools/infer.py", str(path), str(image), "--device", "cpu",
+                               "--output-dir", str(tmp_path / "out")]))
+    assert "stored data.val_size='x'" in line
+
+
+def test_official_args_with_a_wrong_type_is_a_checkpoint_error(saved, tmp_path):
+    path = tmp_path / "official.pth"
+    args = official_args()
+    args.lr_backbone = "x"
+    torch.save({"model": build_model(saved[1]).state_dict(), "args": args}, path)
+    with pytest.raises(CheckpointError, match=r"official 'args': args.lr_backbone='x' is not a number"):
+        load_model(path)
+
+
 def test_official_file_with_empty_args_names_a_tensor_and_both_shapes(saved, tmp_path):
     path = tmp_path / "official.pth"
     torch.save({"model": build_model(saved[1]).state_dict(), "args": official_args().__class__()}, path)
@@ -80,6 +121,24 @@ def test_files_that_are_not_checkpoints(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         read_checkpoint(path)
+
+
+def test_files_that_exist_but_cannot_be_read_are_one_line(saved, tmp_path, monkeypatch):
+    import detr_deform.checkpoint as checkpoint_module
+    from detr_deform.data import schema
+    from detr_deform.data.errors import DatasetError
+
+    def denied(path, *args, **kwargs):  # as for a file without read permission (tests run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    annotations = tmp_path / "instances.json"
+    annotations.write_text("{}")
+    monkeypatch.setattr(checkpoint_module, "open", denied, raising=False)
+    monkeypatch.setattr(schema, "open", denied, raising=False)
+    with pytest.raises(CheckpointError, match=r"cannot be read \(Permission denied\); check the file's permissions"):
+        read_checkpoint(saved[0])
+    with pytest.raises(DatasetError, match=r"instances.json: cannot be read \(Permission denied\)"):
+        schema.read_instances_json(annotations)
 
 
 def test_a_directory_is_named_as_one(tmp_path):
@@ -154,20 +213,35 @@ class _FullDisk(io.RawIOBase):
         raise OSError(errno.EBADF, "no descriptor")
 
 
-def test_disk_full_inside_torch_save_reports_the_os_error(tmp_path, monkeypatch):
+class _InterruptedFile(_FullDisk):
+    """A file whose write is interrupted by a (second) Ctrl-C once ``room`` bytes are in."""
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+@pytest.mark.parametrize("broken_file, raised, message", [
+    (_FullDisk, CheckpointError, r"\[Errno 28\] No space left on device \(disk full.*previous checkpoint"),
+    # a second Ctrl-C inside torch.save: train.py turns it into its one line and exit status 130
+    (_InterruptedFile, KeyboardInterrupt, None),
+])
+def test_a_write_failing_inside_torch_save_is_reported_as_what_it_was(tmp_path, monkeypatch, broken_file, raised,
+                                                                      message):
     import detr_deform.checkpoint as checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint_last.pth", torch.nn.Linear(4, 4), tiny_config(), note="first")
     real_fdopen = os.fdopen
 
-    def full_fdopen(fd, *args, **kwargs):
+    def failing_fdopen(fd, *args, **kwargs):
         real_fdopen(fd, *args, **kwargs).close()
-        return _FullDisk(room=3000)
+        return broken_file(room=3000)
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", full_fdopen)
-    with pytest.raises(CheckpointError, match=r"\[Errno 28\] No space left on device.*previous checkpoint") as caught:
+    monkeypatch.setattr(checkpoint.os, "fdopen", failing_fdopen)
+    with pytest.raises(raised, match=message) as caught:
         save_checkpoint(path, torch.nn.Linear(256, 256), tiny_config(), note="second")
-    assert "enforce fail" not in str(caught.value)
+    assert "enforce fail" not in str(caught.value)  # not torch's zip-writer message
     monkeypatch.undo()
     assert read_checkpoint(path)["note"] == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pth"]
@@ -271,6 +345,8 @@ def test_every_configuration_value_is_checked_at_composition(override, message):
 @pytest.mark.parametrize("override, message", [   # through tools/train.py; every value: the test above
     ("runtime.resume=/missing.pth", "runtime.resume: checkpoint not found: /missing.pth"),
     ("runtime.device=cuda", "runtime.device=cuda but no GPU is visible"),
+    ("runtime.init_from=/missing.pth", "runtime.init_from: checkpoint not found: /missing.pth"),
+    ("model.pretrained_backbone=/missing.pth", "model.pretrained_backbone: backbone weights file not found"),
 ])
 def test_bad_values_stop_before_the_run_directory_exists(tmp_path, override, message):
     out = tmp_path / "run"
@@ -291,6 +367,23 @@ def test_resume_with_another_model_is_one_line_and_keeps_the_run_files(trained_r
     assert "does not fit the configured model" in line and "runtime.init_from" in line
     assert "(3, 64) in the file but (3, 128) in the model" in line
     assert (out / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.scheduler=cosine", "the run used the per-epoch StepLR but optim.scheduler/optim.warmup_steps now ask"),
+    ("optim.warmup_steps=5", "the learning-rate curve cannot continue"),
+    ("model.train_backbone=false", "but the configured model trains"),
+])
+def test_resume_with_another_optimizer_or_schedule_is_one_line(trained_run, tiny_demo_root, tmp_path, override,
+                                                               message):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = one_line_error(train(*tiny_train_args(tiny_demo_root, out, "runtime.resume=auto", override)))
+    assert message in line and "runtime.init_from" in line, line
+    assert all(p.read_bytes() == data for p, data in files.items())  # nothing of the run was touched
 
 
 def test_annotations_without_area_and_iscrowd_train_and_evaluate(tiny_demo_root, tmp_path):
@@ -387,6 +480,12 @@ def test_decompression_bomb_header_is_a_clear_problem_everywhere(tiny_demo_root,
                              on_bad_sample="skip")
     _, target = skipping[0]
     assert target["skipped"][0][0] == content["images"][0]["id"] and "refusing to decode" in target["skipped"][0][1]
+    # ... and through tools/train.py: one epoch over every batch, the bomb reported and left out.
+    done = train(*tiny_train_args(root, tmp_path / "skip", "data.on_bad_sample=skip", "optim.epochs=1",
+                                  "runtime.max_steps_per_epoch=null"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: skipped unreadable image (data.on_bad_sample=skip)" in done.stdout
+    assert "refusing to decode" in done.stdout and (tmp_path / "skip" / "checkpoint_last.pth").is_file()
 
 
 def test_disk_full_while_logging_is_one_line_naming_the_file(tiny_demo_root, tmp_path):
@@ -406,6 +505,28 @@ def test_disk_full_when_the_run_starts_is_one_line(tiny_demo_root, tmp_path):
                           timeout=600, env=dict(os.environ, FAULT_DISK_FULL_AT_START="1", OMP_NUM_THREADS="1"))
     line = one_line_error(done, status=1)
     assert "No space left on device" in line and str(out) in line
+
+
+def test_disk_full_while_writing_evaluation_results_is_one_line(trained_run, tiny_demo_root, tmp_path, monkeypatch,
+                                                                capsys):
+    import importlib.util
+
+    from detr_deform.utils import files
+
+    spec = importlib.util.spec_from_file_location("eval_tool", ROOT / "tools" / "eval.py")
+    eval_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_tool)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    output = tmp_path / "metrics.json"
+    monkeypatch.setattr(files.tempfile, "mkstemp", full)
+    status = eval_tool.main([str(trained_run[0] / "checkpoint_best.pth"), "--coco-path", str(tiny_demo_root),
+                             "--device", "cpu", "--num-workers", "0", "--output", str(output)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert status == 1 and lines == [f"error: could not write {output}: [Errno 28] No space left on device"]
+    assert not output.exists()
 
 
 def test_a_second_ctrl_c_ends_without_a_traceback(tiny_demo_root, tmp_path):

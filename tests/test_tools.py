@@ -2,6 +2,7 @@
 infer, visualize (attention and dataset), plot_logs, export (ONNX), benchmark."""
 import importlib.util
 import json
+import sys
 import struct
 import zlib
 
@@ -121,7 +122,7 @@ def test_infer_full_disk_and_missing_gpu_give_one_line(checkpoint, tiny_demo_roo
     assert infer.main([str(checkpoint), str(tiny_demo_root / "val2017"), "--draw", "--threshold", "0", "--topk",
                        "2", "--device", "cpu", "--output-dir", str(out)]) == 1
     error = capsys.readouterr().err.strip()
-    assert error == f"error: cannot write {out / 'val_00002.png'}: No space left on device"
+    assert error == f"error: could not write {out / 'val_00002.png'}: [Errno 28] No space left on device"
     index = json.loads((out / "images.json").read_text())
     assert [i["id"] for i in index["images"]] == [1] and index["finished"] is False
     assert len(json.loads((out / "detections.json").read_text())) == 2  # the first image's results are kept
@@ -221,6 +222,21 @@ def test_export_onnx_matches_pytorch(checkpoint, tiny_demo_root, tmp_path):
     assert [i.name for i in graph.input] == ["images"]
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, 96, 128]
     assert [o.name for o in graph.output] == ["pred_logits", "pred_boxes"]
+
+
+def test_export_checks_random_images_by_default_and_names_a_missing_onnxruntime(checkpoint, tmp_path, capsys,
+                                                                                   monkeypatch):
+    export = tool_module("export")
+    out = tmp_path / "model.onnx"
+    args = [str(checkpoint), "--output", str(out), "--height", "64", "--width", "96", "--max-check-images", "1"]
+    assert export.main(args) == 0
+    report = json.loads(out.with_suffix(".check.json").read_text())
+    assert report["ok"] and report["images_checked"] == 1  # random images, as many as asked for
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the tools extra were not installed
+    assert export.main(args) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: exporting and checking need onnxruntime: pip install 'detr_deform[tools]'")
+    assert "\n" not in error
 
 
 def test_benchmark_reports_every_measurement(tmp_path):

@@ -103,3 +103,55 @@ def test_compiled_model_trains_and_predicts_like_eager():
         expected, got = eager(batches[0][0]), compiled(batches[0][0])
     torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_tracker_is_switched_off_with_a_warning_and_the_run_goes_on(tmp_path, capsys):
+    from detr_deform.engine.run_logger import RunLogger
+
+    class Broken:
+        def scalars(self, prefix, values, step):
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+
+        def close(self):
+            raise AssertionError("a switched-off tracker is not called again")
+
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.log_file = open(tmp_path / "log.jsonl", "a", encoding="utf-8")
+    logger.trackers = [Broken()]
+    logger.record("train", 1, {"loss": 1.0}, tb_prefix="train")
+    logger.record("train", 2, {"loss": 0.5}, tb_prefix="train")
+    logger.close()
+    err = capsys.readouterr().err
+    assert err.count("warning: Broken failed and is switched off") == 1 and "database or disk is full" in err
+    assert [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1.0, 0.5]
+
+
+def test_damaged_trackers_file_starts_new_tracker_runs_with_a_warning(tmp_path, capsys):
+    from detr_deform.config import RuntimeConfig
+    from detr_deform.engine.trackers import build_trackers
+
+    (tmp_path / "trackers.json").write_text('{"mlflow": ')  # cut short by a crash of an older version
+    assert build_trackers(RuntimeConfig(loggers=[]), tmp_path, {}, "demo") == []
+    assert "trackers.json is unreadable or damaged" in capsys.readouterr().err
+
+
+def test_runtime_compile_trains_and_evaluates_like_eager_through_train_py(trained_run, tiny_demo_root, tmp_path):
+    """runtime.compile=true through tools/train.py (build_training wraps the train and eval models):
+    the same losses step by step and the same AP as the eager run of the same seed (aot_eager
+    backend, for the reason given above)."""
+    out = tmp_path / "compiled"
+    done = train(*tiny_train_args(tiny_demo_root, out, "runtime.compile=true", "runtime.compile_backend=aot_eager",
+                                  batch_size=3))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def entries(run_dir):
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        return [e for e in log if e["type"] == "train"], [e for e in log if e["type"] == "val"]
+
+    (eager_train, eager_val), (compiled_train, compiled_val) = entries(trained_run[0]), entries(out)
+    assert [e["step"] for e in compiled_train] == [e["step"] for e in eager_train] and len(eager_train) == 6
+    for a, b in zip(eager_train, compiled_train):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    assert len(compiled_val) == len(eager_val) == 2
+    for a, b in zip(eager_val, compiled_val):
+        assert b["AP"] == pytest.approx(a["AP"], abs=1e-3), (a, b)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from detr_deform.checkpoint import CheckpointError, write_checkpoint
+from detr_deform.config import ConfigError, DataConfig
 from detr_deform.hf import save_hf
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
@@ -109,12 +110,19 @@ def convert(args: argparse.Namespace) -> int:
         return 2
     names = content.get("category_names") if isinstance(content, dict) else None
     try:
+        # The validation sizes travel too (our config's data section <-> HF's preprocessor_config.json).
+        saved = content.get("config", {}) if isinstance(content, dict) else {}
+        data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=str(args.src))
         if args.to == "hf":
-            save_hf(model, cfg, args.dst, class_names=names)
+            save_hf(model, cfg, args.dst, class_names=names, val_size=data.val_size, max_size=data.max_size)
         elif args.to == "official":
             write_official(args.dst, model, cfg, names)
         else:
-            save_checkpoint(args.dst, model, cfg, **({"category_names": dict(names)} if names else {}))
+            config = {"model": cfg.to_dict(), "data": {"val_size": data.val_size, "max_size": data.max_size}}
+            save_checkpoint(args.dst, model, config, **({"category_names": dict(names)} if names else {}))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -24,7 +24,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -64,8 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.coco_eval == "faster" and importlib.util.find_spec("faster_coco_eval") is None:
         parser.error("--coco-eval faster needs faster-coco-eval: pip install 'detr_deform[faster-coco-eval]'")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    for option, least in (("batch_size", 1), ("topk", 1), ("val_size", 1), ("max_size", 1), ("num_workers", 0)):
+        value = getattr(args, option)
+        if value is not None and value < least:
+            parser.error(f"--{option.replace('_', '-')} must be at least {least}, got {value}")
     return args
 
 
@@ -79,7 +80,7 @@ def saved_batch_size(saved: dict) -> int:
 
 def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
     """Evaluation images, annotations and sizes: the arguments, else the run's own data settings."""
-    data = DataConfig.from_saved(saved.get("data", {}) if isinstance(saved, dict) else {})
+    data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=args.checkpoint)
     val_size = args.val_size or data.val_size
     max_size = args.max_size or data.max_size
     if args.images or args.annotations:
@@ -154,6 +155,9 @@ def main(argv=None) -> int:
         return 2
     except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # reading inputs failed below the checks (a mount gone, an I/O error)
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     finally:
         distributed.cleanup()

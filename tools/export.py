@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from detr_deform.utils.device import DeviceError
     from detr_deform.utils.files import OutputError, write_text
 
+    output = None
     try:
         detector = Detector.from_pretrained(args.checkpoint, device="cpu")
         height = args.height or detector.val_size
@@ -87,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, DeviceError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # writing the ONNX file (disk full, read-only folder)
-        print(f"error: could not write {output}: {error}", file=sys.stderr)
+    except ModuleNotFoundError as error:
+        if error.name not in ("onnx", "onnxruntime", "onnxscript"):  # a broken installation: show the traceback
+            raise
+        print(f"error: exporting and checking need {error.name}: pip install 'detr_deform[tools]' "
+              f"(or pass --no-check to skip the onnxruntime comparison)", file=sys.stderr)
+        return 1
+    except OSError as error:  # writing the ONNX file (disk full, read-only folder), or reading the checkpoint
+        where = f"could not write {output}" if output is not None else f"could not read {args.checkpoint}"
+        print(f"error: {where}: {error}", file=sys.stderr)
         return 1
     report = {"onnx": str(output), "height": height, "width": width, "images_checked": len(images),
               "max_abs_diff": worst, "tolerance": args.tolerance, "ok": max(worst.values()) <= args.tolerance}

@@ -29,7 +29,9 @@ Without CUDA only "emulation" runs and every GPU part is listed as skipped.
 DDP, the "eager" compile backend), in this process and without per-part
 budgets, so that only the CUDA-specific calls remain untested. Writes results.md and results.json into --output-dir (default
 outputs/gpu_check/<timestamp>). The last line is "N passed, N failed"; the
-exit status is 0 iff nothing failed.
+exit status is 1 when a check failed, else 3 when a part or check was skipped
+for lack of time (the run is incomplete), else 0. Parts skipped for want of a
+GPU do not count against it.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Result:
     seconds: float = 0.0
     note: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    out_of_time: bool = False  # skipped for lack of time (not for lack of a GPU): the run is incomplete
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class PartContext:
     def check(self, name: str, fn: Callable[[], Any]) -> dict | None:
         """Runs fn (returning a note, or (note, data)); records passed / failed / skipped."""
         if self.time_left() <= 0:
-            self._record(Result(self.part, name, "skipped", note="part time budget used up"))
+            self._record(Result(self.part, name, "skipped", note="part time budget used up", out_of_time=True))
             return None
         start = time.monotonic()
         try:
@@ -215,7 +218,8 @@ def run_part_subprocess(part: Part, args: argparse.Namespace, timeout: float, ou
     extra: list[Result] = []
     if timed_out.is_set():
         extra.append(Result(part.name, "process", "skipped",
-                            note=f"timed out after {timeout:.0f} s (its budget); results so far kept"))
+                            note=f"timed out after {timeout:.0f} s (its budget); results so far kept",
+                            out_of_time=True))
     elif process.returncode != 0:
         extra.append(Result(part.name, "process", "failed",
                             note=f"the part's process exited with status {process.returncode}",
@@ -232,14 +236,18 @@ def run_part_in_process(part: Part, args: argparse.Namespace, budget_s: float, o
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Part], list[Result]]:
-    """The parts to run, and skip records for the others."""
+    """The parts to run, and skip records for the others (without a GPU: one per check it would run)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_check_parts  # the check names of the GPU parts
+
     skipped = []
     selected = []
     for part in PARTS:
         if args.parts and part.name not in args.parts:
             continue
         if part.needs_gpu and args.device == "none":
-            skipped.append(Result(part.name, "(part)", "skipped", note=args.no_gpu_reason))
+            skipped += [Result(part.name, check, "skipped", note=args.no_gpu_reason)
+                        for check in gpu_check_parts.planned_checks(part.name)]
         else:
             selected.append(part)
     return selected, skipped
@@ -292,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if left < part.min_s:
             results.append(Result(part.name, "(part)", "skipped",
                                   note=f"would overrun: {left:.0f} s of the {args.budget_s:.0f} s budget left, "
-                                       f"this part needs at least {part.min_s:.0f} s"))
+                                       f"this part needs at least {part.min_s:.0f} s", out_of_time=True))
             continue
         if args.tiny:
             # A dry run is about the code, not the time: no budget per part, and no process per part
@@ -340,9 +348,13 @@ def write_report(results: list[Result], args: argparse.Namespace, output_dir: Pa
         if result.status != "passed":
             print(f"{result.status}: {result.part}/{result.name}: {result.note}")
     print(f"results: {output_dir / 'results.md'}, {output_dir / 'results.json'}")
+    short = [f"{r.part}/{r.name}" for r in results if r.out_of_time]
     print(f"{counts['skipped']} skipped")
+    if short:
+        print(f"incomplete: {len(short)} skipped for lack of time ({', '.join(short[:6])}"
+              f"{', ...' if len(short) > 6 else ''}); rerun with a larger --budget-s or only those --parts")
     print(f"{counts['passed']} passed, {counts['failed']} failed")
-    return 0 if counts["failed"] == 0 else 1
+    return 1 if counts["failed"] else (3 if short else 0)
 
 
 def run_part(ctx: PartContext) -> None:

@@ -59,10 +59,30 @@ def op_bench(ctx) -> None:
     from detr_deform.ops import load_compiled_op
 
     load_compiled_op()
-    for scale, queries in (("encoder", None), ("decoder", 300)):
-        for dtype in ("float32", "bfloat16"):
-            ctx.check(f"{scale}/{dtype}", lambda s=scale, q=queries, d=dtype: _op_case(ctx, s, q, d))
+    for scale, queries, dtype in OP_CASES:
+        ctx.check(f"{scale}/{dtype}", lambda s=scale, q=queries, d=dtype: _op_case(ctx, s, q, d))
     ctx.check("targets", lambda: _op_targets(ctx))
+
+
+OP_CASES = [(scale, queries, dtype) for scale, queries in (("encoder", None), ("decoder", 300))
+            for dtype in ("float32", "bfloat16")]
+
+
+def planned_checks(part: str) -> list[str]:
+    """The checks a GPU run of ``part`` makes (listed when the part is skipped for want of a GPU)."""
+    if part == "build":
+        return ["operator"]
+    if part == "op_tests":
+        from detr_deform.ops.device_checks import device_checks
+
+        names = list(device_checks(torch.device("cuda"), tiny=False))  # builds partials only: no GPU needed
+        return ["load", *names, *([] if "second_device" in names else ["second_device"])]
+    if part == "op_bench":
+        return [f"{scale}/{dtype}" for scale, _, dtype in OP_CASES] + ["targets"]
+    if part == "model_bench":
+        names = [f"{m}/{kind}/{amp}/b{batch}" for m, kind, amp, batch in model_measurements(tiny=False)]
+        return names[:2] + ["targets"] + names[2:] + ["table"]
+    return {"ddp": ["ddp_step"], "train_demo": ["loss_falls"], "compile": ["inference", "training_step"]}[part]
 
 
 def _op_case(ctx, scale: str, queries: int | None, dtype: str) -> tuple[str, dict]:

@@ -44,7 +44,8 @@ from detr_deform.data.images import load_rgb_image
 from detr_deform.detector import Detections, Detector
 from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file
 from detr_deform.utils.device import DeviceError, resolve_device
-from detr_deform.visualization import OutputError, save_image
+from detr_deform.utils.files import OutputError, writing
+from detr_deform.visualization import save_image
 
 VIDEO_BATCH = 8  # frames share a size: batching them changes no result
 
@@ -71,17 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
     return args
-
-
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """OSError while writing ``path`` -> OutputError naming it."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def write_atomically(path: Path, text_chunks: Iterator[str]) -> None:

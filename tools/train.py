@@ -43,6 +43,10 @@ def run(cfg: DictConfig) -> None:
     except OutputError as error:
         print(f"error: {error}; the run's earlier files (checkpoints, logs) are intact", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # below the checks (an input mount gone, an I/O error): no traceback
+        print(f"error: {type(error).__name__}: {error}; the run's earlier files (checkpoints, logs) are intact",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted by a second Ctrl-C: no checkpoint was written for the current step; the last "
               "checkpoint_last.pth of the run is intact", file=sys.stderr)

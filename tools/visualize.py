@@ -31,7 +31,7 @@ import torch
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
 from detr_deform.utils.device import DeviceError
-from detr_deform.visualization import OutputError
+from detr_deform.utils.files import OutputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,10 +127,12 @@ def _data_settings(args: argparse.Namespace):
     if args.run_config is not None:
         if not args.run_config.is_file():
             raise DatasetError(f"--run-config: file not found: {args.run_config}")
-        return DataConfig.from_saved(dict(OmegaConf.to_container(OmegaConf.load(args.run_config)).get("data", {})))
+        saved = OmegaConf.to_container(OmegaConf.load(args.run_config))
+        return DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None,
+                                     source=str(args.run_config))
     if args.demo:
         demo = Path(__file__).resolve().parent.parent / "configs" / "data" / "demo.yaml"
-        return DataConfig.from_saved(dict(OmegaConf.to_container(OmegaConf.load(demo))))
+        return DataConfig.from_saved(OmegaConf.to_container(OmegaConf.load(demo)), source=str(demo))
     return DataConfig()
 
 

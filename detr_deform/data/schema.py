@@ -154,6 +154,9 @@ def read_instances_json(annotation_file: str | Path) -> dict:
             content = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})", kind="malformed_json") from error
+    except OSError as error:  # no read permission, a network mount that went away, ...
+        raise DatasetError(f"{path}: cannot be read ({error.strerror or error}); check the file's permissions",
+                           kind="missing_file") from error
     if not isinstance(content, dict):
         raise DatasetError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'",
                            kind="malformed_json")

@@ -15,6 +15,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+# The official COCO recipe (the one place these numbers are written; DataConfig and Detector use them).
+OFFICIAL_TRAIN_SCALES = tuple(range(480, 801, 32))
+OFFICIAL_VAL_SIZE = 800       # shorter side in validation
+OFFICIAL_MAX_SIZE = 1333      # longer-side limit
+OFFICIAL_CROP_RESIZE_SIZES = (400, 500, 600)
+OFFICIAL_CROP_MIN, OFFICIAL_CROP_MAX = 384, 600
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,9 +106,9 @@ def _sanitize() -> v2.Transform:
     return v2.Compose([v2.ClampBoundingBoxes(), DropEmptyBoxes()])
 
 
-def build_transforms(split: str, scales: Sequence[int] = tuple(range(480, 801, 32)), max_size: int = 1333,
-                     val_size: int = 800, crop_resize_sizes: Sequence[int] = (400, 500, 600),
-                     crop_min: int = 384, crop_max: int = 600) -> v2.Transform:
+def build_transforms(split: str, scales: Sequence[int] = OFFICIAL_TRAIN_SCALES, max_size: int = OFFICIAL_MAX_SIZE,
+                     val_size: int = OFFICIAL_VAL_SIZE, crop_resize_sizes: Sequence[int] = OFFICIAL_CROP_RESIZE_SIZES,
+                     crop_min: int = OFFICIAL_CROP_MIN, crop_max: int = OFFICIAL_CROP_MAX) -> v2.Transform:
     normalize = v2.Compose([
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),

@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.engine import distributed
 from detr_deform.engine.optim import LRSchedule
 from detr_deform.engine.state import TrainState, rng_state, set_rng_state
 from detr_deform.loading import nonfinite_tensors, save_checkpoint
@@ -38,9 +39,7 @@ def gather_rng_states(world_size: int) -> dict[str, Any]:
     state = rng_state()
     if world_size == 1:
         return {"0": state}
-    gathered: list = [None] * world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return {str(rank): s for rank, s in enumerate(gathered)}
+    return {str(rank): s for rank, s in enumerate(distributed.all_gather_object(state))}
 
 
 def save_training_checkpoint(path: Path, parts: TrainingParts, state: TrainState, config: dict[str, Any],
@@ -65,6 +64,7 @@ def resume_training(path: Path, parts: TrainingParts, rank: int, allow_nonfinite
         raise CheckpointError(f"runtime.resume={path}: not a training checkpoint of ours (no model/optimizer/step); "
                               f"to start from its weights use runtime.init_from={path}")
     _check_fits(content["model"], parts.model, path)
+    _check_training_state_fits(content, parts, path)
     bad = [] if allow_nonfinite else nonfinite_tensors(content["model"])
     if bad:
         raise CheckpointError(f"runtime.resume={path}: {len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[:3]}): "
@@ -99,6 +99,32 @@ def _check_fits(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) ->
             f"another shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {detail}). Resume with the "
             f"run's own configuration (its config.yaml), or start a new run with runtime.init_from={path} to "
             f"fine-tune from its weights")
+
+
+def _check_training_state_fits(content: dict[str, Any], parts: TrainingParts, path: Path) -> None:
+    """The optimizer and schedule states must be those of the configured run: another
+    set of trained parameters (model.train_backbone, frozen layers) or another kind of
+    schedule cannot continue exactly, and torch would fail half-way through loading."""
+    hint = (f"Resume with the run's own configuration (its config.yaml), or start a new run with "
+            f"runtime.init_from={path} to keep only the weights")
+    saved = content.get("optimizer")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise CheckpointError(f"runtime.resume={path}: the file holds no usable optimizer state. {hint}")
+    ours = [len(g["params"]) for g in parts.optimizer.param_groups]
+    theirs = [len(g["params"]) for g in groups]
+    if ours != theirs:
+        raise CheckpointError(
+            f"runtime.resume={path}: the optimizer state trains {theirs} parameters per group (default, "
+            f"backbone, linear_proj) but the configured model trains {ours} (model.train_backbone or the "
+            f"frozen layers differ from the run's). {hint}")
+    saved_per_step = isinstance(content.get("lr_scheduler"), dict) and "lr_lambdas" in content["lr_scheduler"]
+    if saved_per_step != parts.scheduler.per_step:
+        kinds = {True: "a per-step schedule (multistep, cosine or warm-up)", False: "the per-epoch StepLR"}
+        raise CheckpointError(
+            f"runtime.resume={path}: the run used {kinds[saved_per_step]} but optim.scheduler/optim.warmup_steps "
+            f"now ask for {kinds[parts.scheduler.per_step]}; the learning-rate curve cannot continue. {hint}")
 
 
 def save_on_failure(path: Path, parts: TrainingParts, state: TrainState, config: dict[str, Any],

@@ -6,11 +6,10 @@ import io
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_deform.engine.distributed import world_size
+from detr_deform.engine.distributed import all_gather_object, world_size
 
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -52,8 +51,7 @@ def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[d
     DistributedSampler pads by repeating images; duplicates are dropped)."""
     if world_size() == 1:
         return entries, sorted(set(image_ids))
-    gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, (entries, image_ids))
+    gathered = all_gather_object((entries, image_ids))
     seen: set[int] = set()
     merged: list[dict] = []
     for rank_entries, rank_ids in gathered:

@@ -112,6 +112,31 @@ def broadcast_object(value, src: int = 0):
     return holder[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` when not distributed)."""
+    if not is_initialized():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place (unchanged when not distributed)."""
+    if is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+    if not is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

@@ -62,14 +62,10 @@ class GracefulStop:
 
     def requested(self, device: torch.device) -> bool:
         """Whether any rank received a stop signal (all ranks agree)."""
-        flag = self.signal_name is not None
-        if not distributed.is_initialized():
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        if value.item() > 0 and self.signal_name is None:
+        stop = distributed.any_rank(self.signal_name is not None, device)
+        if stop and self.signal_name is None:
             self.signal_name = "stop request from another rank"
-        return value.item() > 0
+        return stop
 
     @property
     def exit_code(self) -> int:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from detr_deform.config import Config
+from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.loaders import Loaders
 from detr_deform.engine import faults
@@ -131,8 +131,14 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
 
 
 def optimizer_steps_per_epoch(micro_batches: int, cfg: Config) -> int:
-    """Optimizer steps in an epoch of ``micro_batches`` loader batches (runtime.max_steps_per_epoch caps it)."""
+    """Optimizer steps in an epoch of ``micro_batches`` loader batches (runtime.max_steps_per_epoch caps it).
+    No step at all is a ConfigError: the run would evaluate and save untrained weights every epoch."""
     steps = micro_batches // cfg.optim.accumulate_steps
+    if steps == 0:
+        raise ConfigError(
+            f"optim.accumulate_steps={cfg.optim.accumulate_steps} but an epoch has only {micro_batches} batch(es) "
+            f"(optim.batch_size={cfg.optim.batch_size} per process): no optimizer step would ever run; lower "
+            f"optim.accumulate_steps or optim.batch_size, or add training images")
     if cfg.runtime.max_steps_per_epoch is not None:
         steps = min(steps, cfg.runtime.max_steps_per_epoch)
     return steps

@@ -52,24 +52,34 @@ class RunLogger:
         if tb_prefix is not None:
             scalars = {k: v for k, v in values.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
-            for tracker in self.trackers:
-                tracker.scalars(tb_prefix, scalars, step)
+            self._to_trackers("scalars", tb_prefix, scalars, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.image(tag, image, step)
+        self._to_trackers("image", tag, image, step)
 
     def checkpoint(self, name: str, path: Path) -> None:
-        for tracker in self.trackers:
-            tracker.checkpoint(name, path)
+        self._to_trackers("checkpoint", name, path)
+
+    def _to_trackers(self, method: str, *args: Any) -> None:
+        """Calls ``method`` of every tracker. A tracker that fails (disk full under its
+        files, an MLflow database error, a W&B problem) is dropped with one warning
+        instead of ending the run: log.jsonl keeps every value, checkpoints go on."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as error:
+                self.trackers.remove(tracker)
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                print(f"warning: {type(tracker).__name__} failed and is switched off for the rest of the run "
+                      f"({type(error).__name__}: {reason}); log.jsonl in the run directory keeps every value",
+                      file=sys.stderr, flush=True)
 
     def console(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        self._to_trackers("close")
         if self.log_file is not None:
             with writing(self.run_dir / "log.jsonl"):
                 self.log_file.close()

@@ -53,6 +53,7 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
     optimizer.zero_grad(set_to_none=True)
     terms: list[dict[str, float]] = []
     total_value = 0.0
+    unmatchable = False
     for index, (images, targets) in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -61,12 +62,14 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
                 outputs = model(images)
             try:
                 loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+                total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
             except FloatingPointError:
                 # NaN/inf predictions cannot be matched: a non-finite step, for the caller's policy.
-                optimizer.zero_grad(set_to_none=True)
-                nan = float("nan")
-                return {k: nan for k in weights}, nan, torch.tensor(nan)
-            total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+                # The backward still runs (a NaN through every prediction), so that under DDP this
+                # rank's gradient all-reduce meets the other ranks' instead of hanging them; every
+                # rank then sees the NaN gradient norm and skips the update together.
+                unmatchable = True
+                loss_dict, total = {}, _nan_through(outputs)
             (scaler.scale(total) if scaler is not None else total).backward()
         terms.append({k: float(v.detach()) for k, v in loss_dict.items()})
         total_value += float(total.detach())
@@ -78,7 +81,7 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
     else:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.detach().norm() for p in parameters if p.grad is not None]))
-    values = _combine(terms)
+    values = {k: float("nan") for k in weights} if unmatchable else _combine(terms)
     if not math.isfinite(total_value) or not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -90,6 +93,23 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
     else:
         optimizer.step()
     return values, total_value, grad_norm
+
+
+def _nan_through(outputs) -> torch.Tensor:
+    """A NaN scalar whose backward reaches every prediction tensor in ``outputs``
+    (nested dicts/lists: aux_outputs, enc_outputs), hence every parameter a real loss reaches."""
+    tensors = []
+    pending = [outputs]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                tensors.append(item.float().sum())
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return torch.stack(tensors).sum() * float("nan")
 
 
 def _combine(terms: list[dict[str, float]]) -> dict[str, float]:

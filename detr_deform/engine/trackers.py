@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from detr_deform.utils.files import write_text
 
 RUN_IDS = "trackers.json"
 
@@ -133,7 +136,7 @@ def _wandb_key_configured() -> bool:
 def build_trackers(runtime, run_dir: Path, config: dict[str, Any], experiment: str) -> list[Tracker]:
     """The trackers of ``runtime.loggers``, continuing earlier MLflow / W&B runs of this run directory."""
     ids_file = run_dir / RUN_IDS
-    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    ids = _read_run_ids(ids_file)
     trackers: list[Tracker] = []
     for name in runtime.loggers:
         if name == "tensorboard":
@@ -147,5 +150,20 @@ def build_trackers(runtime, run_dir: Path, config: dict[str, Any], experiment: s
                                          ids.get("wandb")))
             ids["wandb"] = trackers[-1].run_id
     if ids:
-        ids_file.write_text(json.dumps(ids, indent=1))
+        write_text(ids_file, json.dumps(ids, indent=1))
     return trackers
+
+
+def _read_run_ids(path: Path) -> dict[str, str]:
+    """The MLflow / W&B run ids of earlier attempts; a damaged file starts new tracker runs (with a warning)."""
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        ids = error
+    if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
+        print(f"warning: {path} is unreadable or damaged ({str(ids)[:80]}); MLflow / W&B start new runs instead of "
+              f"continuing the earlier ones", file=sys.stderr)
+        return {}
+    return ids

@@ -126,6 +126,8 @@ class ModelConfig:
             if f.name in values and values[f.name] is not None:
                 setattr(config, f.name, values[f.name])
         if "lr_backbone" in values:
+            if isinstance(values["lr_backbone"], bool) or not isinstance(values["lr_backbone"], (int, float)):
+                raise ValueError(f"args.lr_backbone={values['lr_backbone']!r:.40} is not a number")
             config.train_backbone = values["lr_backbone"] > 0
         if values.get("masks"):
             raise ValueError("official checkpoints with segmentation heads (masks=True) are not supported")

@@ -3,12 +3,11 @@ with auxiliary-layer and two-stage encoder losses (official definitions)."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detr_deform.engine.distributed import world_size
+from detr_deform.engine.distributed import all_reduce_sum, world_size
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -130,9 +129,7 @@ class SetCriterion(nn.Module):
 def box_normalizer(count: int, device: torch.device) -> float:
     """The official loss normaliser: target boxes summed over all ranks, divided by
     the world size (DDP then averages the gradients), at least 1."""
-    num_boxes = torch.as_tensor([float(count)], dtype=torch.float, device=device)
-    if world_size() > 1:
-        dist.all_reduce(num_boxes)
+    num_boxes = all_reduce_sum(torch.as_tensor([float(count)], dtype=torch.float, device=device))
     return torch.clamp(num_boxes / world_size(), min=1).item()
 
 

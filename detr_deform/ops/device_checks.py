@@ -128,49 +128,6 @@ def check_second_device(device: torch.device) -> str:
     return f"{device} and {other} agree bitwise"
 
 
-def check_layout_errors_after_a_good_call(device: torch.device) -> str:
-    """A bad level layout raises even right after a good call with the same sizes.
-
-    On a GPU the C++ checks remember the last layout that passed (one device-to-host copy
-    per forward, not per attention layer); this shows the memory is never fooled: an
-    in-place write to the passed tensor, a fresh tensor (possibly at the freed address) and
-    a clone must all be checked again."""
-    inputs = make_inputs(CASES["odd_multi_level"])
-    value, shapes, starts, locations, weights, _ = (t.to(device) for t in inputs)
-
-    def call(s: torch.Tensor, t: torch.Tensor) -> None:
-        torch.ops.detr_deform.ms_deform_attn_forward(value, s, t, locations, weights, False)
-
-    def must_raise(s: torch.Tensor, t: torch.Tensor, what: str) -> None:
-        try:
-            call(s, t)
-        except RuntimeError as error:
-            assert "ms_deform_attn" in str(error), f"{what}: unexpected error {error}"
-            return
-        raise AssertionError(f"{what}: a wrong level layout was accepted")
-
-    call(shapes, starts)
-    call(shapes, starts)  # the remembered layout
-    bad_starts = starts.clone()
-    bad_starts[-1] += 1
-    must_raise(shapes, bad_starts, "a clone with a wrong start")
-    kept = starts.clone()
-    call(shapes, kept)
-    kept[-1] += 1  # in place: same storage and address, new version
-    must_raise(shapes, kept, "an in-place write to a layout that had passed")
-    del kept, bad_starts
-    for _ in range(3):  # fresh allocations land at freed addresses in the caching allocator
-        fresh = starts.clone()
-        call(shapes, fresh)
-        del fresh
-        wrong = starts.clone()
-        wrong[-1] += 1
-        must_raise(shapes, wrong, "a fresh tensor at a freed address")
-        del wrong
-    call(shapes, starts)
-    return "wrong layouts raise after good calls (in-place write, clone, re-allocated address)"
-
-
 def device_checks(device: torch.device, tiny: bool = False) -> dict[str, Callable[[], str]]:
     """Name -> check for ``device``; ``tiny`` (CPU dry runs) leaves out what needs GPU memory."""
     checks: dict[str, Callable[[], str]] = {}
@@ -186,7 +143,9 @@ def device_checks(device: torch.device, tiny: bool = False) -> dict[str, Callabl
         checks[f"half_accumulation/{str(dtype)[6:]}"] = functools.partial(kernel_checks.check_half_accumulation,
                                                                           dtype, run)
     checks["non_contiguous"] = functools.partial(check_non_contiguous, device)
-    checks["layout_errors"] = functools.partial(check_layout_errors_after_a_good_call, device)
+    checks["layout_errors"] = functools.partial(
+        kernel_checks.check_layout_memory,
+        lambda *inputs: torch.ops.detr_deform.ms_deform_attn_forward(*inputs, False), device)
     checks["empty_inputs"] = functools.partial(kernel_checks.check_empty_inputs, run)
     checks["deterministic_bitwise"] = functools.partial(check_deterministic_bitwise, device, tiny)
     if device.type == "cuda" and not tiny:

@@ -174,12 +174,15 @@ def check_shuffled_thread_order() -> str:
         for name, a, b in zip(GRAD_NAMES, ours, runs[(det, 0)]):
             if det or name != "grad_value":
                 assert torch.equal(a, b), f"deterministic={det} seed={seed}: {name} not bitwise equal to seed 0"
+    # The two backward paths directly: equal to fp32 rounding (not only each to the float64 reference).
+    assert_close(runs[(True, 0)], tuple(t.double() for t in runs[(False, 0)]), torch.float32,
+                 "deterministic vs atomic")
     atomic = [runs[(False, seed)][1] for seed in (0, 1, 2)]
     assert not torch.equal(atomic[1], atomic[2]), \
         "the atomic value gradient is bitwise equal for seeds 1 and 2: the shuffle had no effect"
     changed = int((atomic[1] != atomic[2]).sum())
     return (f"atomic grad_value: {changed} of {atomic[1].numel()} elements differ between seeds 1 and 2; "
-            "deterministic: bitwise equal for seeds 0, 1, 2")
+            "deterministic: bitwise equal for seeds 0, 1, 2 and equal to the atomic path to fp32 rounding")
 
 
 def check_global_deterministic_flag() -> str:
@@ -302,6 +305,49 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     return f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped reference"
 
 
+def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
+                        device: torch.device | str = "cpu") -> str:
+    """A bad level layout raises even right after a good call with the same sizes.
+
+    The CUDA path's checks remember the last layout that passed (one device-to-host copy per
+    forward, not per attention layer; the emulation does the same on the CPU). The memory must
+    never be fooled: an in-place write to a tensor that passed, a clone, and a fresh tensor
+    (possibly at a freed address) are all checked again. ``forward(value, shapes, starts,
+    locations, weights)``: default the emulated CUDA forward; the GPU check passes the real op."""
+    if forward is None:
+        forward = emulation.emulated_forward
+    value, shapes, starts, locations, weights, _ = (t.to(device) for t in make_inputs(CASES["odd_multi_level"]))
+
+    def must_raise(s: torch.Tensor, t: torch.Tensor, what: str) -> None:
+        try:
+            forward(value, s, t, locations, weights)
+        except RuntimeError as error:
+            assert "ms_deform_attn" in str(error), f"{what}: unexpected error {error}"
+            return
+        raise AssertionError(f"{what}: a wrong level layout was accepted")
+
+    forward(value, shapes, starts, locations, weights)
+    forward(value, shapes, starts, locations, weights)  # the remembered layout
+    bad = starts.clone()
+    bad[-1] += 1
+    must_raise(shapes, bad, "a clone with a wrong start")
+    kept = starts.clone()
+    forward(value, shapes, kept, locations, weights)
+    kept[-1] += 1  # in place: same storage and address, a new version
+    must_raise(shapes, kept, "an in-place write to a layout that had passed")
+    del kept, bad
+    for _ in range(3):  # fresh allocations land at freed addresses (caching allocators, malloc)
+        fresh = starts.clone()
+        forward(value, shapes, fresh, locations, weights)
+        del fresh
+        wrong = starts.clone()
+        wrong[-1] += 1
+        must_raise(shapes, wrong, "a fresh tensor at a freed address")
+        del wrong
+    forward(value, shapes, starts, locations, weights)
+    return "wrong layouts raise after good calls (in-place write, clone, re-allocated address)"
+
+
 def _checks() -> dict[str, Callable[[], str]]:
     checks: dict[str, Callable[[], str]] = {"launch_config": check_launch_config}
     for case in CASES:
@@ -315,6 +361,7 @@ def _checks() -> dict[str, Callable[[], str]]:
         "half_accumulation/float16": lambda: check_half_accumulation(torch.float16),
         "half_accumulation/bfloat16": lambda: check_half_accumulation(torch.bfloat16),
         "empty_inputs": check_empty_inputs,
+        "layout_memory": check_layout_memory,
         "large_offsets": check_large_offsets,
     })
     return checks

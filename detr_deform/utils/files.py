@@ -23,7 +23,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except OutputError:
         raise
     except OSError as error:
-        raise OutputError(f"could not write {path}: {error}") from error
+        # "[Errno 28] No space left on device", without the file name the OS error repeats
+        reason = f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)
+        raise OutputError(f"could not write {path}: {reason}") from error
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -154,7 +154,8 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                    const at::Tensor& attention_weights, int64_t shuffle_seed, int64_t max_blocks) {
   const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
-                                           sampling_locations, attention_weights);
+                                           sampling_locations, attention_weights,
+                                           LayoutMemory::kAlways);  // as the CUDA path does
   EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
   return cuda_kernels::forward(in, launcher);
 }
@@ -165,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& attention_weights, bool deterministic, int64_t shuffle_seed,
     int64_t max_blocks, bool wide_keys) {
   const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
-                                           sampling_locations, attention_weights);
+                                           sampling_locations, attention_weights,
+                                           LayoutMemory::kAlways);  // as the CUDA path does
   const auto grad = prepare_grad_output(grad_output, in);
   EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
   // Same selection as the CUDA entry point, global deterministic flag included.

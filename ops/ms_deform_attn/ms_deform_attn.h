@@ -23,13 +23,19 @@ struct PreparedInputs {
   Dims dims;
 };
 
+// Whether the level-layout check may skip a layout that passed just before
+// (see check_level_layout_once): on a device only, or always (the CUDA
+// emulation, which runs the CUDA path's host code on CPU tensors).
+enum class LayoutMemory { kOnDevice, kAlways };
+
 // The opening block of every entry point (CPU, CUDA and the CUDA emulation):
 // validates the inputs (check_ms_deform_attn_inputs), makes them contiguous
 // and reads the sizes.
 PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index,
                               const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights);
+                              const at::Tensor& attention_weights,
+                              LayoutMemory memory = LayoutMemory::kOnDevice);
 
 // Checks grad_output against the prepared inputs (shape (N, Lq, M*D), same
 // device) and returns it contiguous, in value's dtype.
@@ -42,7 +48,8 @@ at::Tensor prepare_grad_output(const at::Tensor& grad_output, const PreparedInpu
 void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
-                                 const at::Tensor& attention_weights);
+                                 const at::Tensor& attention_weights,
+                                 LayoutMemory memory = LayoutMemory::kOnDevice);
 
 // `deterministic` is part of both schemas so that autograd can hand it from
 // the forward call to the backward; the CPU kernels are deterministic anyway.

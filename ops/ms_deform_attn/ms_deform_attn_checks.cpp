@@ -162,7 +162,8 @@ void check_level_layout(const at::Tensor& value, const at::Tensor& spatial_shape
 // reference to each tensor's storage, so a tensor freed and re-allocated at the same address
 // never matches (a live weak reference keeps the storage object's address from being
 // reused), plus the data pointer, the version counter (bumped by in-place writes) and the
-// sizes. CPU tensors are always checked: no synchronisation involved.
+// sizes. CPU tensors are always checked (no synchronisation involved), except
+// by the CUDA emulation, which runs this memory on the CPU so that CI tests it.
 struct LayoutKey {
   c10::weak_intrusive_ptr<c10::StorageImpl> shapes_storage, starts_storage;
   const void* shapes_data;
@@ -191,9 +192,9 @@ struct LayoutKey {
 };
 
 void check_level_layout_once(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                             const at::Tensor& level_start_index) {
-  if (spatial_shapes.is_cpu() || !spatial_shapes.has_storage() ||
-      !level_start_index.has_storage()) {
+                             const at::Tensor& level_start_index, LayoutMemory memory) {
+  const bool remember = memory == LayoutMemory::kAlways || !spatial_shapes.is_cpu();
+  if (!remember || !spatial_shapes.has_storage() || !level_start_index.has_storage()) {
     check_level_layout(value, spatial_shapes, level_start_index);
     return;
   }
@@ -209,20 +210,20 @@ void check_level_layout_once(const at::Tensor& value, const at::Tensor& spatial_
 void check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                  const at::Tensor& level_start_index,
                                  const at::Tensor& sampling_locations,
-                                 const at::Tensor& attention_weights) {
+                                 const at::Tensor& attention_weights, LayoutMemory memory) {
   check_ranks_and_sizes(value, spatial_shapes, level_start_index, sampling_locations,
                         attention_weights);
   check_dtypes_and_devices(value, spatial_shapes, level_start_index, sampling_locations,
                            attention_weights);
-  check_level_layout_once(value, spatial_shapes, level_start_index);
+  check_level_layout_once(value, spatial_shapes, level_start_index, memory);
 }
 
 PreparedInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index,
                               const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights) {
+                              const at::Tensor& attention_weights, LayoutMemory memory) {
   check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights);
+                              attention_weights, memory);
   PreparedInputs in{value.contiguous(),
                     spatial_shapes.contiguous(),
                     level_start_index.contiguous(),

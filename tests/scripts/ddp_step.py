@@ -1,7 +1,10 @@
 """Launched by torchrun (2 processes, gloo): one DDP training step over a global
 batch of 4 images vs one single-process step over the same 4 images; and one
 DDP step with gradient accumulation (2 ranks x 2 micro-batches x 2 images) vs
-one single-process step over the same 8 images."""
+one single-process step over the same 8 images; and a DDP step in which only
+rank 1's predictions are NaN (unmatchable): both ranks must skip the update
+together instead of rank 0 waiting for an all-reduce that never comes."""
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -42,7 +45,7 @@ def max_diff(a, b) -> float:
 
 
 def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a hang fails, not stalls
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config(with_box_refine=True, two_stage=True, dropout=0.0)
     images, targets = make_batch()
@@ -59,6 +62,17 @@ def main(out_path: str) -> None:
     micro = [(images8[start:start + 2], targets8[start:start + 2]), (images8[start + 2:start + 4],
                                                                        targets8[start + 2:start + 4])]
     accumulated_step(accum_ddp, accum_criterion, micro, accum_optimizer, 0.1)
+
+    nan_model, nan_criterion, nan_optimizer = fresh(cfg)
+    before = {k: v.clone() for k, v in nan_model.state_dict().items()}
+    nan_ddp = torch.nn.parallel.DistributedDataParallel(nan_model)
+    nan_images = [im * float("nan") if rank == 1 else im for im in images[mine]]
+    nan_values, nan_total, nan_norm = train_step(nan_ddp, nan_criterion, nan_images, targets[mine], nan_optimizer, 0.1)
+    nan_step = {"total_finite": bool(torch.isfinite(torch.tensor(nan_total))),
+                "norm_finite": bool(torch.isfinite(nan_norm)),
+                "unchanged": all(torch.equal(v, before[k]) for k, v in nan_model.state_dict().items())}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, nan_step)
     dist.barrier()
     dist.destroy_process_group()  # the single-process references must not all-reduce
     if rank == 0:
@@ -69,7 +83,7 @@ def main(out_path: str) -> None:
         Path(out_path).write_text(json.dumps({
             "max_diff": max_diff(model, reference), "max_change": max_diff(reference, fresh(cfg)[0]),
             "accumulated_max_diff": max_diff(accum_model, reference8),
-            "accumulated_max_change": max_diff(reference8, fresh(cfg)[0])}))
+            "accumulated_max_change": max_diff(reference8, fresh(cfg)[0]), "nan_step": gathered}))
 
 
 if __name__ == "__main__":

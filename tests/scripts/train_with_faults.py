@@ -13,6 +13,7 @@ Arguments are passed to tools/train.py unchanged.
 """
 import errno
 import os
+import signal
 import runpy
 import sys
 import tempfile
@@ -66,7 +67,7 @@ def faulty_step(*args, **kwargs):
     if calls["step"] == CRASH_STEP and rank_matches and (first_attempt or not CRASH_ONCE):
         print(f"injected crash at step {CRASH_STEP} on rank {os.environ.get('RANK', '0')}", flush=True)
         sys.stdout.flush()
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a pre-empted node: no cleanup at all
     if SLEEP_S:
         time.sleep(SLEEP_S)
     return result

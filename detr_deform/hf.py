@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,8 +246,9 @@ def read_hf(path: str | os.PathLike) -> dict[str, Any]:
                               f"{weights_file.name} has {rows} rows; fix id2label (one entry per class logit)")
     saved = {"model": cfg.to_dict()}
     processor = config_file.parent / PREPROCESSOR_NAME
-    if processor.is_file():
-        saved["data"] = sizes_from_image_processor(_read_json(processor), str(processor))
+    sizes = sizes_from_image_processor(_read_json(processor), str(processor)) if processor.is_file() else {}
+    if sizes:
+        saved["data"] = sizes
     return {"format": FORMAT, "version": VERSION, "model": state, "config": saved,
             "category_names": names, "source": {"format": "hf", "path": str(path)}}
 
@@ -263,24 +265,40 @@ def image_processor_config(val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OF
 
 
 def sizes_from_image_processor(config: Mapping[str, Any], source: str) -> dict[str, int]:
-    """{"val_size", "max_size"} from a preprocessor_config.json's ``size``; a resize we cannot
-    reproduce (fixed height/width, no resize, other statistics) is a CheckpointError naming it."""
+    """{"val_size", "max_size"} from a preprocessor_config.json: ``size`` as
+    {"shortest_edge", "longest_edge"} or the older ``"size": 800, "max_size": 1333`` (as
+    transformers reads both). A preprocessing we do not reproduce (a fixed height/width, no
+    resize, another normalisation) cannot change how the weights load, so it is a warning
+    naming the field, and {} (the Detector then uses 800/1333)."""
     size = config.get("size", {"shortest_edge": OFFICIAL_VAL_SIZE, "longest_edge": OFFICIAL_MAX_SIZE})
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = {"shortest_edge": size, "longest_edge": config.get("max_size", OFFICIAL_MAX_SIZE)}
+    problems = []
     if not config.get("do_resize", True) or not isinstance(size, Mapping) or set(size) != {"shortest_edge",
                                                                                          "longest_edge"}:
-        raise CheckpointError(f"{source}: size={size!r:.80} (do_resize={config.get('do_resize', True)}) is not "
-                              f"supported: only the shortest_edge/longest_edge resize of DETR models maps onto "
-                              f"our val_size/max_size; remove the file to use 800/1333")
-    for key in ("shortest_edge", "longest_edge"):
-        if isinstance(size[key], bool) or not isinstance(size[key], int) or size[key] < 1:
-            raise CheckpointError(f"{source}: size.{key}={size[key]!r} is not a positive integer")
+        problems.append(f"size={size!r:.80} (do_resize={config.get('do_resize', True)}): only the "
+                        f"shortest_edge/longest_edge resize of DETR models maps onto our val_size/max_size")
+    else:
+        problems += [f"size.{key}={size[key]!r} is not a positive integer" for key in ("shortest_edge", "longest_edge")
+                     if isinstance(size[key], bool) or not isinstance(size[key], int) or size[key] < 1]
     for key, ours in (("image_mean", IMAGENET_MEAN), ("image_std", IMAGENET_STD)):
         theirs = config.get(key, list(ours))
         if not (isinstance(theirs, list) and len(theirs) == 3
                 and all(isinstance(v, (int, float)) and abs(v - o) < 1e-6 for v, o in zip(theirs, ours))):
-            raise CheckpointError(f"{source}: {key}={theirs!r:.80} is not supported: our models normalise with "
-                                  f"the ImageNet statistics {list(ours)}")
+            problems.append(f"{key}={theirs!r:.80}: our models normalise with the ImageNet statistics {list(ours)}")
+    problems += [f"{key}=false: our models take images scaled to [0, 1] and normalised"
+                 for key in ("do_rescale", "do_normalize") if config.get(key, True) is False]
+    if problems:
+        warnings.warn(f"{source}: {problems[0]}; the weights load, but our preprocessing (shorter side 800, "
+                      f"longer at most 1333, ImageNet normalisation) differs from this processor's"
+                      + (f" ({len(problems) - 1} more difference(s))" if len(problems) > 1 else ""),
+                      ImageProcessorWarning, stacklevel=3)
+        return {}
     return {"val_size": size["shortest_edge"], "max_size": size["longest_edge"]}
+
+
+class ImageProcessorWarning(UserWarning):
+    """A Hugging Face folder's preprocessor_config.json asks for a preprocessing we do not reproduce."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -399,22 +399,43 @@ def test_preprocessor_config_carries_the_validation_resize_both_ways(tmp_path):
     assert detector.preprocess(torch.zeros(3, 200, 300, dtype=torch.uint8)).shape[-2:] == (85, 127)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"size": {"height": 800, "width": 800}}, "only the shortest_edge/longest_edge resize"),
-    ({"size": {"shortest_edge": 0, "longest_edge": 1333}}, "size.shortest_edge=0 is not a positive integer"),
-    ({"image_mean": [0.5, 0.5, 0.5]}, "image_mean=[0.5, 0.5, 0.5] is not supported"),
+@pytest.mark.parametrize("change, sizes", [
+    ({}, {"val_size": 800, "max_size": 1333}),
+    ({"size": 640, "max_size": 1000}, {"val_size": 640, "max_size": 1000}),  # the older form, still on the hub
+    ({"size": {"shortest_edge": 512, "longest_edge": 900}}, {"val_size": 512, "max_size": 900}),
 ])
-def test_a_preprocessing_we_cannot_reproduce_is_refused(tmp_path, plain_folder, change, message):
+def test_processor_sizes_in_both_forms(tmp_path, plain_folder, change, sizes):
     import shutil
 
     folder = tmp_path / "hf"
     shutil.copytree(plain_folder, folder)
     DeformableDetrImageProcessor().save_pretrained(folder)  # what a hub folder holds beside the model
-    assert read_hf(folder)["config"]["data"] == {"val_size": 800, "max_size": 1333}
     config = json.loads((folder / "preprocessor_config.json").read_text())
     (folder / "preprocessor_config.json").write_text(json.dumps({**config, **change}))
-    with pytest.raises(CheckpointError, match=re.escape(message)):
-        read_hf(folder)
+    assert read_hf(folder)["config"]["data"] == sizes
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"size": {"height": 800, "width": 800}}, "only the shortest_edge/longest_edge resize"),
+    ({"size": {"shortest_edge": 0, "longest_edge": 1333}}, "size.shortest_edge=0 is not a positive integer"),
+    ({"image_mean": [0.5, 0.5, 0.5]}, "image_mean=[0.5, 0.5, 0.5]: our models normalise with the ImageNet"),
+    ({"do_normalize": False}, "do_normalize=false"),
+])
+def test_a_preprocessing_we_cannot_reproduce_is_named_and_the_weights_still_load(tmp_path, plain_folder, change,
+                                                                                 message):
+    import shutil
+
+    from detr_deform.hf import ImageProcessorWarning
+
+    folder = tmp_path / "hf"
+    shutil.copytree(plain_folder, folder)
+    DeformableDetrImageProcessor().save_pretrained(folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.warns(ImageProcessorWarning, match=re.escape(message)):
+        content = read_hf(folder)
+        model, cfg = load_model(folder)  # the weights load all the same
+    assert "data" not in content["config"] and cfg.num_classes == content["config"]["model"]["num_classes"]
 
 
 def test_tools_and_detector_read_a_hugging_face_folder(tmp_path, plain_folder):

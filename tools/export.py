@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         if error.name not in ("onnx", "onnxruntime", "onnxscript"):  # a broken installation: show the traceback
             raise
-        print(f"error: exporting and checking need {error.name}: pip install 'detr_deform[tools]' "
-              f"(or pass --no-check to skip the onnxruntime comparison)", file=sys.stderr)
+        skip = " (or pass --no-check to skip the onnxruntime comparison)" if error.name == "onnxruntime" else ""
+        print(f"error: exporting and checking need {error.name}: pip install 'detr_deform[tools]'{skip}",
+              file=sys.stderr)
         return 1
     except OSError as error:  # writing the ONNX file (disk full, read-only folder), or reading the checkpoint
         where = f"could not write {output}" if output is not None else f"could not read {args.checkpoint}"

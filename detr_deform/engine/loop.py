@@ -15,7 +15,7 @@ from tqdm import tqdm
 from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.loaders import Loaders
-from detr_deform.engine import faults
+from detr_deform.engine import distributed, faults
 from detr_deform.engine.checkpointing import TrainingParts
 from detr_deform.engine.run_logger import RunLogger
 from detr_deform.engine.state import TrainState
@@ -104,7 +104,9 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
                                                     parts.scaler)
         state.step += 1
         parts.scheduler.after_step()
-        if faults.is_nonfinite(total, grad_norm, parts.scaler is not None):
+        # Every rank takes the same decision (under fp16 only the rank that hit a NaN loss sees it):
+        # the policy, the EMA and the logged means stay in step across ranks.
+        if distributed.any_rank(faults.is_nonfinite(total, grad_norm, parts.scaler is not None), ctx.device):
             targets = [t for _, batch_targets in micro_batches for t in batch_targets]
             ctx.nonfinite.handle(faults.nonfinite_report(epoch, state.step, targets, losses, total, grad_norm),
                                  state, logger)

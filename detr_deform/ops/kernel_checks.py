@@ -345,7 +345,17 @@ def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
         must_raise(shapes, wrong, "a fresh tensor at a freed address")
         del wrong
     forward(value, shapes, starts, locations, weights)
-    return "wrong layouts raise after good calls (in-place write, clone, re-allocated address)"
+    # A view of other strides on the same memory (same pointer, version and size) reads other values.
+    buffer = torch.stack([starts, torch.full_like(starts, 10**6)], 1).reshape(-1)
+    forward(value, shapes, buffer[0::2], locations, weights)
+    must_raise(shapes, buffer[:len(starts)], "a view of other strides on a layout that had passed")
+    with torch.inference_mode():  # inference tensors have no version counter: checked every time
+        inference_shapes, inference_starts = shapes.clone(), starts.clone()
+        forward(value, inference_shapes, inference_starts, locations, weights)
+        inference_starts[-1] += 1
+        must_raise(inference_shapes, inference_starts, "an in-place write to an inference tensor")
+    return ("wrong layouts raise after good calls (in-place write, clone, re-allocated address, other strides, "
+            "inference mode)")
 
 
 def _checks() -> dict[str, Callable[[], str]]:

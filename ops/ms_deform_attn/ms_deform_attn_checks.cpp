@@ -14,6 +14,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "ms_deform_attn.h"
 
@@ -161,13 +162,15 @@ void check_level_layout(const at::Tensor& value, const at::Tensor& spatial_shape
 // (per thread): one synchronisation per forward, not one per call. The memory is a weak
 // reference to each tensor's storage, so a tensor freed and re-allocated at the same address
 // never matches (a live weak reference keeps the storage object's address from being
-// reused), plus the data pointer, the version counter (bumped by in-place writes) and the
-// sizes. CPU tensors are always checked (no synchronisation involved), except
-// by the CUDA emulation, which runs this memory on the CPU so that CI tests it.
+// reused), plus the data pointer, the strides, the version counter (bumped by in-place
+// writes) and the sizes. Always checked: inference tensors (torch.inference_mode: no
+// version counter), and CPU tensors (no synchronisation involved) except in the CUDA
+// emulation, which runs this memory on the CPU so that CI tests it.
 struct LayoutKey {
   c10::weak_intrusive_ptr<c10::StorageImpl> shapes_storage, starts_storage;
   const void* shapes_data;
   const void* starts_data;
+  std::vector<int64_t> shapes_strides, starts_strides;  // a view of other strides reads other values
   int64_t shapes_version, starts_version, levels, num_value;
 
   static LayoutKey of(const at::Tensor& value, const at::Tensor& shapes,
@@ -176,6 +179,8 @@ struct LayoutKey {
                      starts.storage().getWeakStorageImpl(),
                      shapes.data_ptr(),
                      starts.data_ptr(),
+                     shapes.strides().vec(),
+                     starts.strides().vec(),
                      static_cast<int64_t>(shapes._version()),
                      static_cast<int64_t>(starts._version()),
                      shapes.size(0),
@@ -186,6 +191,7 @@ struct LayoutKey {
            shapes_storage._unsafe_get_target() == o.shapes_storage._unsafe_get_target() &&
            starts_storage._unsafe_get_target() == o.starts_storage._unsafe_get_target() &&
            shapes_data == o.shapes_data && starts_data == o.starts_data &&
+           shapes_strides == o.shapes_strides && starts_strides == o.starts_strides &&
            shapes_version == o.shapes_version && starts_version == o.starts_version &&
            levels == o.levels && num_value == o.num_value;
   }
@@ -194,7 +200,9 @@ struct LayoutKey {
 void check_level_layout_once(const at::Tensor& value, const at::Tensor& spatial_shapes,
                              const at::Tensor& level_start_index, LayoutMemory memory) {
   const bool remember = memory == LayoutMemory::kAlways || !spatial_shapes.is_cpu();
-  if (!remember || !spatial_shapes.has_storage() || !level_start_index.has_storage()) {
+  // Inference tensors (torch.inference_mode) have no version counter: nothing to key on.
+  if (!remember || !spatial_shapes.has_storage() || !level_start_index.has_storage() ||
+      spatial_shapes.is_inference() || level_start_index.is_inference()) {
     check_level_layout(value, spatial_shapes, level_start_index);
     return;
   }

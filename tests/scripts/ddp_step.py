@@ -18,6 +18,7 @@ from model_helpers import tiny_config  # noqa: E402
 from detr_deform import build_criterion, build_model  # noqa: E402
 from detr_deform.config import OptimConfig  # noqa: E402
 from detr_deform.engine.optim import build_optimizer  # noqa: E402
+from detr_deform.engine import distributed  # noqa: E402
 from detr_deform.engine.steps import accumulated_step, train_step  # noqa: E402
 
 
@@ -71,6 +72,8 @@ def main(out_path: str) -> None:
     nan_step = {"total_finite": bool(torch.isfinite(torch.tensor(nan_total))),
                 "norm_finite": bool(torch.isfinite(nan_norm)),
                 "unchanged": all(torch.equal(v, before[k]) for k, v in nan_model.state_dict().items())}
+    # ... and the training loop's decision is taken together: rank 1's non-finite step counts on rank 0 too.
+    nan_step["any_rank_nonfinite"] = distributed.any_rank(not nan_step["total_finite"], torch.device("cpu"))
     gathered = [None] * world
     dist.all_gather_object(gathered, nan_step)
     dist.barrier()

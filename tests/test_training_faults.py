@@ -33,6 +33,16 @@ def records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
+
+def wait_for_train_records(process: subprocess.Popen, log: Path, count: int, timeout: float = 300) -> None:
+    """Until ``log`` holds ``count`` training records (or the process ended, or the timeout passed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and len([line for line in log.read_text().splitlines() if '"train"' in line]) >= count:
+            return
+        time.sleep(0.05)
+
+
 def test_nan_loss_stops_with_a_report(tiny_demo_root, tmp_path):
     out = tmp_path / "run"
     done = run_faulty(tiny_train_args(tiny_demo_root, out, *QUICK), FAULT_NAN_AT_STEPS=5)
@@ -80,12 +90,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches_uninterrupted_run(tiny_d
     process = subprocess.Popen([PYTHON, FAULTS, *tiny_train_args(tiny_demo_root, part, *common, batch_size=1)],
                                cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(FAULT_SLEEP_S=0.3))
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        log = part / "log.jsonl"
-        if log.is_file() and len([l for l in log.read_text().splitlines() if '"train"' in l]) >= 4:
-            break
-        time.sleep(0.05)
+    wait_for_train_records(process, part / "log.jsonl", 4)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -220,12 +225,7 @@ def test_sigterm_to_the_launcher_exits_143_with_checkpoints(tiny_demo_root, tmp_
                                                            batch_size=1)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env(FAULT_SLEEP_S=0.5))
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        log = out / "log.jsonl"
-        if log.is_file() and len([line for line in log.read_text().splitlines() if '"train"' in line]) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_train_records(process, out / "log.jsonl", 2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]

@@ -33,16 +33,53 @@ def make_batch(counts=(2, 1, 3, 0)):
     return images, targets
 
 
+LR = 1e-3
+
+
 def fresh(cfg):
     torch.manual_seed(0)
     model = build_model(cfg)
-    optim_cfg = OptimConfig(lr=1e-3, lr_backbone=1e-3, clip_max_norm=0.1)
+    optim_cfg = OptimConfig(lr=LR, lr_backbone=LR, clip_max_norm=0.1)
     return model, build_criterion(cfg), build_optimizer(model, optim_cfg)
 
 
 def max_diff(a, b) -> float:
     return max((p - b.state_dict()[name]).abs().max().item() for name, p in a.state_dict().items()
                if p.is_floating_point())
+
+
+UNIT = 2.0 ** -24  # float32 unit roundoff
+
+
+def step_agreement(a, b, optimizer, eps: float = 1e-8) -> dict[str, float]:
+    """How far two models after one AdamW step from the same weights are apart, in units that the
+    tolerances of tests/test_distributed_step.py are derived in.
+
+    - ``grad_ulps``: max over tensors of max|g_a - g_b| / (u * max|g_b|): the gradients' disagreement
+      relative to each tensor's largest gradient, u = 2^-24.
+    - ``weight_excess_ulps``: what of the weights' difference the gradients' difference does not
+      explain. The first AdamW step moves a weight by lr * g / (|g| + eps) (bias-corrected moments),
+      so a gradient that differs by rounding moves its weight by lr * |d(g / (|g| + eps))| — up to
+      lr * |dg| / eps for a gradient near 0, far more than a float32 ulp of the weight. That part is
+      computed exactly (float64) from both runs' gradients; the rest may only be the rounding of the
+      update itself, counted in units of u * (|w| + lr) per element.
+    """
+    grad_ulps = excess = 0.0
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    b_params = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        q = b_params[name]
+        if p.grad is None:
+            continue
+        lr = lr_of[id(p)]  # the sampling offsets and reference points train at 0.1 x lr
+        scale = q.grad.abs().max().item()
+        if scale > 0:
+            grad_ulps = max(grad_ulps, (p.grad - q.grad).abs().max().item() / (UNIT * scale))
+        g_a, g_b = p.grad.double(), q.grad.double()
+        explained = lr * (g_a / (g_a.abs() + eps) - g_b / (g_b.abs() + eps)).abs()
+        rest = ((p.detach().double() - q.detach().double()).abs() - explained).clamp_min(0)
+        excess = max(excess, (rest / (UNIT * (q.detach().double().abs() + lr))).max().item())
+    return {"grad_ulps": grad_ulps, "weight_excess_ulps": excess}
 
 
 def main(out_path: str) -> None:
@@ -86,7 +123,9 @@ def main(out_path: str) -> None:
         Path(out_path).write_text(json.dumps({
             "max_diff": max_diff(model, reference), "max_change": max_diff(reference, fresh(cfg)[0]),
             "accumulated_max_diff": max_diff(accum_model, reference8),
-            "accumulated_max_change": max_diff(reference8, fresh(cfg)[0]), "nan_step": gathered}))
+            "accumulated_max_change": max_diff(reference8, fresh(cfg)[0]), "nan_step": gathered,
+            "step": step_agreement(model, reference, optimizer),
+            "accumulated_step": step_agreement(accum_model, reference8, accum_optimizer)}))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,51 @@ Public API::
     outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
     detr_deform.save_hf(model, cfg, folder)                   # a transformers from_pretrained folder
 """
-from detr_deform.checkpoint import CheckpointError, read_checkpoint
-from detr_deform.detector import Detector
-from detr_deform.hf import save_hf
-from detr_deform.loading import init_from, load_model, save_checkpoint
-from detr_deform.models.build import build_criterion, build_model, build_postprocessor
-from detr_deform.models.config import ModelConfig
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+# The public names, imported on first use (PEP 562): ``import detr_deform.errors`` (what every tool
+# needs before it has parsed its arguments) must not pay for torch, torchvision and the models.
+_PUBLIC = {
+    "CheckpointError": "detr_deform.checkpoint",
+    "read_checkpoint": "detr_deform.checkpoint",
+    "Detector": "detr_deform.detector",
+    "save_hf": "detr_deform.hf",
+    "init_from": "detr_deform.loading",
+    "load_model": "detr_deform.loading",
+    "save_checkpoint": "detr_deform.loading",
+    "build_criterion": "detr_deform.models.build",
+    "build_model": "detr_deform.models.build",
+    "build_postprocessor": "detr_deform.models.build",
+    "ModelConfig": "detr_deform.models.config",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from detr_deform.checkpoint import CheckpointError, read_checkpoint
+    from detr_deform.detector import Detector
+    from detr_deform.hf import save_hf
+    from detr_deform.loading import init_from, load_model, save_checkpoint
+    from detr_deform.models.build import build_criterion, build_model, build_postprocessor
+    from detr_deform.models.config import ModelConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        if importlib.util.find_spec(f"detr_deform.{name}") is None:
+            raise AttributeError(f"module 'detr_deform' has no attribute {name!r}")
+        return importlib.import_module(f"detr_deform.{name}")  # a subpackage, e.g. detr_deform.video
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from detr_deform.errors import EXIT_FAILED, DetrDeformError
 
 FORMAT = "detr_deform"
 VERSION = 1
@@ -34,7 +35,7 @@ VERSION = 1
 SAFE_GLOBALS = [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DetrDeformError, RuntimeError):
     """A checkpoint file cannot be used; the message names the file and the fix."""
 
 
@@ -148,7 +149,7 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
+        raise CheckpointError(f"could not write checkpoint {path}: {error}", exit_code=EXIT_FAILED) from error
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as raw:
@@ -167,7 +168,8 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
             previous = "the previous checkpoint there is untouched" if path.exists() else "no file was written"
             full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
             raise CheckpointError(f"could not write checkpoint {path}: {error}"
-                                  f"{' (disk full or quota exceeded?)' if full else ''}; {previous}") from error
+                                  f"{' (disk full or quota exceeded?)' if full else ''}; {previous}",
+                                  exit_code=EXIT_FAILED) from error
         raise  # KeyboardInterrupt (a second Ctrl-C) and the like: the temporary file is gone, nothing replaced
     return path
 

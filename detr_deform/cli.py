@@ -15,10 +15,6 @@ from detr_deform.config import Config, ConfigError, register_configs, validate
 from detr_deform.utils.fields import did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Arguments that Hydra itself handles (help, sweeps, printing the config): not pre-checked here.
-HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-m", "--multirun", "-c", "--cfg", "-i", "--info", "-p", "--package",
-               "--shell-completion", "-sc", "--run", "-r", "--resolve", "--config-path", "-cp", "--config-name",
-               "-cn", "--config-dir", "-cd", "--experimental-rerun")
 
 
 def config_from_hydra(cfg: DictConfig) -> Config:
@@ -39,12 +35,19 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> C
     return config_from_hydra(cfg)
 
 
-def precheck(argv: Sequence[str]) -> None:
-    """Composes and validates the overrides of a plain run (no Hydra flags) so
-    that a bad value ends with one line before Hydra starts the run."""
-    if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv if arg.startswith("-")):
-        return
-    compose_config([arg for arg in argv if not arg.startswith("hydra.")])
+def hydra_mode(argv: Sequence[str]) -> bool:
+    """Whether ``tools/train.py argv`` is for Hydra's own machinery (``--help``, ``--cfg job``,
+    ``--multirun``, ``hydra.*`` overrides) rather than a plain run. Hydra's own argument parser
+    says which flags exist; any other flag (e.g. ``--experiment demo``) is one ConfigError."""
+    from hydra._internal.utils import get_args_parser  # Hydra's parser: its options, not a copy of them
+
+    options = get_args_parser()._option_string_actions
+    for arg in argv:
+        if arg.startswith("-") and arg.split("=")[0] not in options:
+            name = arg.lstrip("-").split("=")[0]
+            raise ConfigError(f"{arg}: not an option of tools/train.py; overrides are key=value, e.g. {name}=..."
+                              f" (tools/train.py --help lists them; Hydra's own options: --hydra-help)")
+    return any(arg.startswith("-") or arg.startswith("hydra.") for arg in argv)
 
 
 def _one_line(error: Exception) -> str:

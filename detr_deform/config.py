@@ -20,10 +20,11 @@ from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.device import DeviceError, resolve_device
 from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
+from detr_deform.errors import DetrDeformError
 
 
 
-class ConfigError(ValueError):
+class ConfigError(DetrDeformError, ValueError):
     """A configuration value is unusable; the message names the key and the fix."""
 
 

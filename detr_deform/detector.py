@@ -23,7 +23,7 @@ from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE,
                                          official_resize_size)
-from detr_deform.inputs import ImageLike, Inputs, image_inputs, tensor_to_pil
+from detr_deform.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
 from detr_deform.loading import model_from_content, read_content
 from detr_deform.models.build import build_postprocessor
 from detr_deform.models.config import ModelConfig
@@ -75,7 +75,7 @@ class Detector:
     def __init__(self, model: nn.Module, cfg: ModelConfig, category_names: dict[int, str] | None = None,
                  val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE) -> None:
         if val_size < 1 or max_size < 1:
-            raise ValueError(f"val_size and max_size must be >= 1, got {val_size} and {max_size}")
+            raise InputError(f"val_size and max_size must be >= 1, got {val_size} and {max_size}")
         self.model = model.eval()
         self.cfg = cfg
         self.category_names = category_names if category_names is not None else category_names_of({}, cfg.num_classes)
@@ -162,10 +162,10 @@ class Detector:
         enlarged first so that the labels are legible (0: never)."""
         items = image_inputs(image)
         if len(items) != 1:
-            raise ValueError(f"draw takes one image, got {len(items)} (a folder or a batch?)")
+            raise InputError(f"draw takes one image, got {len(items)} (a folder or a batch?)")
         picture = tensor_to_pil(items[0].load())
         if picture.size != (detections.width, detections.height):
-            raise ValueError(f"{items[0].source}: the image is {picture.width}x{picture.height} but the detections "
+            raise InputError(f"{items[0].source}: the image is {picture.width}x{picture.height} but the detections "
                              f"are for a {detections.width}x{detections.height} image ({detections.source})")
         captions = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores.tolist())]
         return draw_detections(picture, detections.boxes, captions, detections.labels.tolist(), min_side=min_side)
@@ -174,9 +174,9 @@ class Detector:
 def _check_options(threshold: float, topk: int, batch_size: int) -> None:
     for name, value in (("topk", topk), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
-        raise ValueError(f"threshold must be a number (a score in [0, 1]), got {threshold!r}")
+        raise InputError(f"threshold must be a number (a score in [0, 1]), got {threshold!r}")
 
 
 def category_names_of(content: Any, num_classes: int, path: str | os.PathLike = "the checkpoint") -> dict[int, str]:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,9 @@ from torch import nn
 
 from detr_deform.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE
+from detr_deform.errors import EXIT_FAILED
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils.files import OutputError, atomic_path
 
 MODEL_TYPE = "deformable_detr"
 ARCHITECTURE = "DeformableDetrForObjectDetection"
@@ -686,15 +687,11 @@ def independent_class_heads(state: Mapping[str, torch.Tensor], cfg: ModelConfig)
 # ------------------------------------------------------------------------------------------
 
 def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        raise CheckpointError(f"could not write {path}: {error} (disk full or quota exceeded?)") from error
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            write(str(tmp))
+    except OutputError as error:
+        raise CheckpointError(f"{error} (disk full or quota exceeded?)", exit_code=EXIT_FAILED) from error
 
 
 def _prepare_folder(folder: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from detr_deform.detector import Detections, Detector
+from detr_deform.inputs import InputError
 from detr_deform.layers.ms_deform_attn import MSDeformAttn
 
 
@@ -51,7 +52,7 @@ def _sampling_of(layer: MSDeformAttn, query: int, detections: Detections) -> Sam
     if layer.last_sampling_locations is None:
         raise RuntimeError("no sampling recorded: run the detector inside `with recording_sampling(detector):`")
     if layer.last_sampling_locations.shape[0] != 1:
-        raise ValueError("sampling points are drawn for one image at a time (batch_size=1, no padding)")
+        raise InputError("sampling points are drawn for one image at a time (batch_size=1, no padding)")
     # Locations are normalised to the (unpadded, batch of 1) network input, which is the resized image.
     scale = torch.tensor([detections.width, detections.height], dtype=torch.float32)
     locations = layer.last_sampling_locations[0, query].float().cpu()   # (M, L, P, 2)
@@ -77,7 +78,7 @@ def encoder_sampling(detector: Detector, detections: Detections, x: float, y: fl
     layer = detector.model.transformer.encoder.layers[-1].self_attn
     width, height = detections.width, detections.height
     if not (0 <= x < width and 0 <= y < height):
-        raise ValueError(f"pixel ({x:g}, {y:g}) is outside the {width}x{height} image {detections.source}")
+        raise InputError(f"pixel ({x:g}, {y:g}) is outside the {width}x{height} image {detections.source}")
     if layer.last_spatial_shapes is None:
         raise RuntimeError("no sampling recorded: run the detector inside `with recording_sampling(detector):`")
     level_h, level_w = (int(v) for v in layer.last_spatial_shapes[0])

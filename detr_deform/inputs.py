@@ -33,6 +33,20 @@ from PIL import Image, ImageOps
 
 from detr_deform.data import images
 from detr_deform.data.images import load_rgb_image
+from detr_deform.errors import DetrDeformError
+
+
+class InputError(DetrDeformError, ValueError):
+    """An input image (array, tensor, file) is unusable; the message names it and what is expected."""
+
+
+class InputTypeError(DetrDeformError, TypeError):
+    """An input of a type the Detector does not take; the message lists the accepted ones."""
+
+
+class MissingInputError(DetrDeformError, FileNotFoundError):
+    """An image path, folder or pattern that matches no image file."""
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -59,7 +73,7 @@ def image_inputs(inputs: Inputs) -> list[ImageInput]:
     if isinstance(inputs, (list, tuple)):
         named = [(f"inputs[{i}]", item) for i, item in enumerate(inputs)]
         if not named:
-            raise ValueError("no images: the input list is empty")
+            raise InputError("no images: the input list is empty")
     else:
         named = [("input", inputs)]
     found: list[ImageInput] = []
@@ -81,8 +95,8 @@ def _expand(item: Any, name: str) -> list[ImageInput]:
                     for b, image in enumerate(item)]
         return [ImageInput(name, _constant(tensor_to_image(item, name)))]
     if isinstance(item, (list, tuple)):
-        raise TypeError(f"{name}: a nested list; pass one flat list of images")
-    raise TypeError(f"{name}: unsupported input of type {type(item).__name__}; expected {_ACCEPTED}")
+        raise InputTypeError(f"{name}: a nested list; pass one flat list of images")
+    raise InputTypeError(f"{name}: unsupported input of type {type(item).__name__}; expected {_ACCEPTED}")
 
 
 def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -94,12 +108,12 @@ def _path_inputs(path: Path) -> list[ImageInput]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"no image files in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise MissingInputError(f"no image files in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})")
         return [_file_input(p) for p in files]
     if not path.exists():
-        raise FileNotFoundError(f"no such image file or folder: {path}")
+        raise MissingInputError(f"no such image file or folder: {path}")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        raise ValueError(f"{path} is a video, not an image: use detr_deform.video.detect_video(detector, path) "
+        raise InputError(f"{path} is a video, not an image: use detr_deform.video.detect_video(detector, path) "
                          f"or tools/infer.py {path.name} --draw")
     return [_file_input(path)]
 
@@ -130,9 +144,9 @@ def array_to_tensor(array: np.ndarray, name: str = "input") -> torch.Tensor:
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         hint = "; channels first? use array.transpose(1, 2, 0)" if array.ndim == 3 and array.shape[0] in (1, 3, 4) \
             else ""
-        raise ValueError(f"{described}: expected (H, W) or (H, W, C) with C = 1, 3 (RGB) or 4 (RGBA){hint}")
+        raise InputError(f"{described}: expected (H, W) or (H, W, C) with C = 1, 3 (RGB) or 4 (RGBA){hint}")
     if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{described}: expected uint8 (0-255) or floating point (0-1) values; convert it, e.g. "
+        raise InputError(f"{described}: expected uint8 (0-255) or floating point (0-1) values; convert it, e.g. "
                          f"to uint8, first")
     array = np.ascontiguousarray(array[:, :, :3])
     if not array.flags.writeable:  # e.g. np.asarray(pil_image); torch warns about sharing read-only memory
@@ -147,17 +161,17 @@ def tensor_to_image(tensor: torch.Tensor, name: str = "input", described: str | 
     if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
         hint = "; channels last? use tensor.permute(2, 0, 1)" if tensor.dim() == 3 and tensor.shape[-1] in (1, 3) \
             else ""
-        raise ValueError(f"{described}: expected (C, H, W) with C = 1 or 3 (RGB), or a (B, C, H, W) batch{hint}")
+        raise InputError(f"{described}: expected (C, H, W) with C = 1 or 3 (RGB), or a (B, C, H, W) batch{hint}")
     if tensor.shape[1] == 0 or tensor.shape[2] == 0:
-        raise ValueError(f"{described}: the image is empty")
+        raise InputError(f"{described}: the image is empty")
     if tensor.dtype == torch.uint8:
         return tensor if tensor.shape[0] == 3 else tensor.expand(3, -1, -1).contiguous()
     if not tensor.is_floating_point():
-        raise ValueError(f"{described}: expected uint8 (0-255) or floating point (0-1) values")
+        raise InputError(f"{described}: expected uint8 (0-255) or floating point (0-1) values")
     tensor = tensor.detach().float()
     low, high = float(tensor.min()), float(tensor.max())
     if not (0.0 <= low and high <= 1.0):  # also catches NaN
-        raise ValueError(f"{described}: floating-point images take values in [0, 1], these range over "
+        raise InputError(f"{described}: floating-point images take values in [0, 1], these range over "
                          f"[{low:.3g}, {high:.3g}] (already normalised? pass the image before normalisation)")
     return tensor if tensor.shape[0] == 3 else tensor.expand(3, -1, -1).contiguous()
 
@@ -185,7 +199,7 @@ def collect_images(sources: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFI
         else:
             matches = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in suffixes)
         if not matches:
-            raise FileNotFoundError(f"no image files found for {source!r} (a file, a folder or a glob pattern)")
+            raise MissingInputError(f"no image files found for {source!r} (a file, a folder or a glob pattern)")
         for match in matches:
             if match not in seen:
                 seen.add(match)
@@ -208,5 +222,5 @@ def is_video_file(path: Path) -> bool:
         return True
 
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "ImageInput", "ImageLike", "Inputs", "array_to_tensor",
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "ImageInput", "InputError", "InputTypeError", "MissingInputError", "ImageLike", "Inputs", "array_to_tensor",
            "collect_images", "image_inputs", "is_video_file", "pil_to_tensor", "tensor_to_image", "tensor_to_pil", "to_rgb"]

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from detr_deform.detector import Detections, Detector
+from detr_deform.errors import DetrDeformError
 
 # Encoders tried in order, by output suffix (the first one this FFmpeg build has wins).
 ENCODERS = {".webm": ("libvpx-vp9", "libvpx"), ".avi": ("mpeg4",)}
@@ -28,7 +29,7 @@ DEFAULT_ENCODERS = ("libx264", "h264", "mpeg4")
 INSTALL_HINT = 'reading and writing videos needs PyAV: pip install "detr_deform[video]" (or pip install av)'
 
 
-class VideoError(ValueError):
+class VideoError(DetrDeformError, ValueError):
     """A video cannot be read or written; the message names the file."""
 
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_deform.errors import optional_import
 from detr_deform.utils.files import writing
 
 # Colour-blind-friendly palette (Okabe-Ito + extras) for ids 0-11; larger ids get
@@ -190,7 +191,7 @@ def save_image(image: torch.Tensor | Image.Image, path: Path) -> Path:
 
 
 def _colormap() -> Callable[[float], tuple[float, float, float, float]]:
-    import matplotlib  # optional extra (tools): only the sampling-point pictures need a colormap
+    matplotlib = optional_import("matplotlib", "tools", "the attention pictures")  # only they need a colormap
 
     return matplotlib.colormaps["plasma"]
 

@@ -1,10 +1,16 @@
+import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 # Tests must never reach the network (no pretrained downloads, no hubs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The usual umask, whatever the shell had: tests/test_file_modes.py checks what outputs get under it.
+os.umask(0o022)
 
 
 @pytest.fixture(autouse=True)
@@ -22,22 +28,42 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _shared_dir(tmp_path_factory, name: str) -> tuple[Path, FileLock]:
+    """A folder shared by every xdist worker of this test session (their base temporary folders
+    have one parent) and the lock that builds it once: the first worker builds, the others wait
+    on the lock and then read what it left."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_root(tmp_path_factory):
-    """A small copy of the built-in demo dataset (12 train / 7 val images)."""
+    """A small copy of the built-in demo dataset (12 train / 7 val images), made once per session."""
     from detr_deform.data.demo import ensure_demo_dataset
 
-    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", sizes={"train": 12, "val": 7})
+    folder, lock = _shared_dir(tmp_path_factory, "data")
+    with lock:
+        return ensure_demo_dataset(folder / "demo", sizes={"train": 12, "val": 7})
 
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_demo_root, tmp_path_factory):
     """A tiny model trained for 2 x 3 steps of batch 3 on the tiny demo data by tools/train.py:
-    (run directory, completed process). Batch 3, not eval.py's fallback of 2, so that
-    test_eval_reproduces_training_ap checks that eval.py batches images as training's evaluation did."""
+    (run directory, completed process), trained once per session whichever worker asks first.
+    Batch 3, not eval.py's fallback of 2, so that test_eval_reproduces_training_ap checks that
+    eval.py batches images as training's evaluation did. Tests must not change the run directory
+    (copy it first)."""
     from pipeline_helpers import tiny_train_args, train
 
-    out = tmp_path_factory.mktemp("run")
-    done = train(*tiny_train_args(tiny_demo_root, out, batch_size=3))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done
+    out, lock = _shared_dir(tmp_path_factory, "trained_run")
+    record = out.parent / "trained_run.json"
+    with lock:
+        if not record.is_file():
+            done = train(*tiny_train_args(tiny_demo_root, out, batch_size=3))
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            record.write_text(json.dumps({"args": done.args, "returncode": done.returncode,
+                                          "stdout": done.stdout, "stderr": done.stderr}))
+        saved = json.loads(record.read_text())
+    return out, subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"], saved["stderr"])

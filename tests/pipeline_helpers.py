@@ -1,5 +1,6 @@
 """Shared pieces of the pipeline tests: tiny demo data and tiny-model overrides."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def tiny_train_args(data_root: Path, output_dir: Path, *extra: str, batch_size: 
         "runtime.max_steps_per_epoch=3", "runtime.eval_every=1", "runtime.log_every=1", "runtime.vis_images=1",
         *TINY_MODEL, *extra,
     ]
+
+
+def free_port() -> int:
+    """A TCP port free now, chosen by the OS (no fixed port: two test runs on one machine must not
+    collide). Another process could take it before the launcher binds it; the window is a few ms."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

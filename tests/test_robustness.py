@@ -530,23 +530,39 @@ def test_disk_full_while_writing_evaluation_results_is_one_line(trained_run, tin
 
 
 def test_a_second_ctrl_c_ends_without_a_traceback(tiny_demo_root, tmp_path):
-    import time
-
+    """Driven by events, not sleeps: the first Ctrl-C is sent while a step is sleeping (announced on
+    stdout), the second once the run has said it received the first; the sleep (600 s) outlasts any
+    machine load, and the second Ctrl-C interrupts it."""
     out = tmp_path / "run"
-    process = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "train_with_faults.py"),
-                                *tiny_train_args(tiny_demo_root, out, "optim.epochs=3")], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, FAULT_SLEEP_S="1.0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "log.jsonl").is_file():
-        time.sleep(0.1)
-    time.sleep(1.5)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-3000:]
+    stderr_file = tmp_path / "stderr.txt"
+    with stderr_file.open("w") as stderr_handle:
+        process = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "train_with_faults.py"),
+                                    *tiny_train_args(tiny_demo_root, out, "optim.epochs=3")], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=stderr_handle, text=True,
+                                   env=dict(os.environ, FAULT_SLEEP_S="600", FAULT_ANNOUNCE_SLEEP="1",
+                                            OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        try:
+            seen = _read_until(process, "fault: sleeping after step 1")
+            process.send_signal(signal.SIGINT)
+            seen += _read_until(process, "SIGINT received")
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=300)
+        finally:
+            process.kill()
+    stderr = stderr_file.read_text()
+    assert process.returncode == 130, seen[-2000:] + stderr[-3000:]
     assert "Traceback" not in stderr and "second Ctrl-C" in stderr
+
+
+def _read_until(process: subprocess.Popen, marker: str) -> str:
+    """Stdout lines up to and including the first one containing ``marker`` (the test's timeout ends
+    a run that never prints it)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"the run ended without printing {marker!r}:\n" + "".join(seen)[-3000:])
 
 
 def test_eval_with_a_missing_gpu_names_its_own_option(saved, tmp_path):

@@ -1,5 +1,6 @@
 """tools/train.py and tools/eval.py end to end on tiny demo data (CPU)."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_distributed_eval_equals_single_process(trained_run, tmp_path):
     done = run([PYTHON, "tools/eval.py", str(checkpoint), "--output", str(single), "--num-workers", "0",
                 "--batch-size", "1"])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+    done = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                 "tools/eval.py", str(checkpoint), "--output", str(double), "--num-workers", "0", "--batch-size", "1"])
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
@@ -98,12 +99,13 @@ def test_two_node_run_on_localhost(tiny_demo_root, tmp_path):
     """Two torchrun invocations with --nnodes=2 rendezvous on localhost and train together."""
     import subprocess
     import os
-    from pipeline_helpers import ROOT
+    from pipeline_helpers import ROOT, free_port
 
+    port = free_port()
     args = tiny_train_args(tiny_demo_root, tmp_path / "run", "optim.epochs=1", "runtime.max_steps_per_epoch=2")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29645",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                                "tools/train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -130,4 +132,20 @@ def test_paper_scale_dat_two_stage_runs_with_tools_train(tiny_demo_root, tmp_pat
                  "optim.epochs=1", "runtime.max_steps_per_epoch=2", "runtime.max_eval_images=1",
                  "runtime.vis_images=0", "runtime.log_every=1", "runtime.device=cpu")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoint_last.pth").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:  # the paper-scale two-stage losses: encoder proposals and 5 auxiliary decoder layers
+        for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_bbox_enc", "loss_ce_4"):
+            assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+        assert "loss_ce_5" not in record and math.isfinite(record["grad_norm"])
+    val = [r for r in records if r["type"] == "val"]
+    assert len(val) == 1 and 0 <= val[0]["AP"] <= 1
+    # The checkpoint is the full-size DAT-T two-stage model, and it loads strictly.
+    from detr_deform import load_model
+
+    model, cfg = load_model(tmp_path / "run" / "checkpoint_last.pth")
+    assert (cfg.backbone, cfg.two_stage, cfg.with_box_refine, cfg.num_queries, cfg.num_feature_levels) == (
+        "dat_tiny", True, True, 300, 4)
+    backbone_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("backbone."))
+    assert 27e6 < backbone_params < 30e6  # DAT-T: 29M parameters with its classifier, 28M without

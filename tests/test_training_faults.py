@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_helpers import PYTHON, ROOT, tiny_train_args, train
+from pipeline_helpers import PYTHON, ROOT, free_port, tiny_train_args, train
 from detr_deform import CheckpointError, read_checkpoint, save_checkpoint
 from detr_deform.engine.faults import remove_stale_temporaries
 
@@ -169,7 +169,8 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous_file(tmp_
     assert list(tmp_path.iterdir()) == [path]
 
 
-def torchrun(args, nproc: int, max_restarts: int, port: int, timeout=600, rdzv: str = "static", **faults):
+def torchrun(args, nproc: int, max_restarts: int, timeout=600, rdzv: str = "static", **faults):
+    port = free_port()
     where = (["--master_addr=127.0.0.1", f"--master_port={port}"] if rdzv == "static" else
              ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"])
     cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
@@ -177,32 +178,28 @@ def torchrun(args, nproc: int, max_restarts: int, port: int, timeout=600, rdzv: 
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env(**faults))
 
 
-@pytest.mark.parametrize("nproc, rdzv, port", [(2, "static", 29655), (2, "c10d", 29659)])
-def test_torchrun_restart_resumes_from_the_latest_checkpoint(tiny_demo_root, tmp_path, nproc, rdzv, port):
+@pytest.mark.parametrize("nproc, rdzv", [(2, "static"), (2, "c10d")])
+def test_torchrun_restart_resumes_from_the_latest_checkpoint(tiny_demo_root, tmp_path, nproc, rdzv):
     """A worker dies (rank 1 of 2: the other one is stopped by the agent); torchrun --max-restarts
     starts all workers again, and they rejoin (a fresh store namespace per attempt) and resume."""
     out = tmp_path / "run"
-    start = time.time()
     done = torchrun(tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3", "runtime.dist_timeout_s=120",
                                     batch_size=2 if nproc == 1 else 1),
-                    nproc=nproc, max_restarts=1, port=port, rdzv=rdzv, timeout=300, FAULT_CRASH_AT_STEP=5,
+                    nproc=nproc, max_restarts=1, rdzv=rdzv, timeout=300, FAULT_CRASH_AT_STEP=5,
                     FAULT_CRASH_ONCE=1, FAULT_CRASH_RANK=nproc - 1)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"injected crash at step 5 on rank {nproc - 1}" in done.stdout
     assert "resumed from" in done.stdout and "at epoch 1 (step 3)" in done.stdout
     state = read_checkpoint(out / "checkpoint_last.pth")
     assert state["epoch"] == 2 and state["step"] == 9
-    assert time.time() - start < 240
 
 
 def test_a_failing_rank_ends_the_whole_job(tiny_demo_root, tmp_path):
-    start = time.time()
     done = torchrun(tiny_train_args(tiny_demo_root, tmp_path / "run", *QUICK), nproc=2, max_restarts=0,
-                    port=29653, timeout=300, FAULT_CRASH_AT_STEP=2, FAULT_CRASH_RANK=1)
+                    timeout=300, FAULT_CRASH_AT_STEP=2, FAULT_CRASH_RANK=1)
     assert done.returncode != 0
     assert "injected crash at step 2 on rank 1" in done.stdout
     assert "ChildFailedError" in done.stderr or "failed" in done.stderr.lower()
-    assert time.time() - start < 240
 
 
 def test_deterministic_runs_are_bitwise_identical(tiny_demo_root, tmp_path):
@@ -221,7 +218,7 @@ def test_sigterm_to_the_launcher_exits_143_with_checkpoints(tiny_demo_root, tmp_
     arguments) exits 128 + 15 after the workers wrote their mid-epoch checkpoint."""
     out = tmp_path / "run"
     cmd = [PYTHON, "-m", "detr_deform.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           "--master_port=29663", FAULTS, *tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3",
+           f"--master_port={free_port()}", FAULTS, *tiny_train_args(tiny_demo_root, out, *QUICK, "optim.epochs=3",
                                                            batch_size=1)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env(FAULT_SLEEP_S=0.5))

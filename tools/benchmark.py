@@ -28,11 +28,14 @@ from pathlib import Path
 
 import torch
 
+from detr_deform.errors import EXIT_STATUS_HELP
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=two_stage")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--height", type=int)

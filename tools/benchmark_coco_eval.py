@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detr_deform.data.coco import load_coco_json  # noqa: E402
 from detr_deform.engine.coco_eval import evaluate_coco  # noqa: E402
+from detr_deform.errors import EXIT_STATUS_HELP  # noqa: E402
 
 
 def synthetic_coco(num_images: int, seed: int = 0, detections_per_image: int = 100) -> tuple[dict, list[dict]]:
@@ -57,7 +58,8 @@ def synthetic_coco(num_images: int, seed: int = 0, detections_per_image: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--markdown", action="store_true")

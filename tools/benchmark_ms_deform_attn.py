@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from detr_deform.errors import EXIT_STATUS_HELP
+
 # Deformable DETR at 800x1333 (strides 8/16/32/64), hidden 256 = 8 heads x 32.
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 SCALES = {"encoder": None, "decoder": 300}  # number of queries; None -> Lq = S
@@ -108,8 +110,9 @@ def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int, locati
     return {"impl": impl, "scale": scale, "num_query": num_query, "peak_bytes": peak, **timings}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=3)
@@ -122,7 +125,7 @@ def main() -> int:
                         help="the compiled op's deterministic (atomic-free) backward; the CPU kernels always are")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -22,11 +22,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detr_deform.data.report import check_dataset
-from detr_deform.utils.files import OutputError, write_text
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
+from detr_deform.utils.files import write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coco-path", type=Path, help="root with {train,val}2017/ and annotations/")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="with --coco-path")
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: check(args))
+
+
+def check(args: argparse.Namespace) -> int:
+    """Checks every split and prints its report; 0 when all can be trained on, else 1."""
     if args.images is not None:
         pairs = [(args.images, args.annotations)]
     else:
@@ -58,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         content = [{**asdict(r), "annotation_file": str(r.annotation_file), "image_folder": str(r.image_folder),
                     "ok": r.ok} for r in reports]
-        try:
-            write_text(args.json, json.dumps(content, indent=2))
-        except OutputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        write_text(args.json, json.dumps(content, indent=2))
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -14,9 +14,7 @@ beside it). DST is written as
 The weights are converted exactly (bitwise; the model is built and loaded strictly on the way).
 Category names travel (HF id2label <-> our category_names; official files keep them in an
 extra "category_names" entry the official code ignores). Fields a format has no place for
-fall back to their defaults (docs/tools.md). Exit status: 2 for bad input (arguments, a
-missing or unreadable SRC, an existing DST without --overwrite), 1 when SRC cannot be
-written in the requested format.
+fall back to their defaults (docs/tools.md).
 """
 from __future__ import annotations
 
@@ -29,7 +27,8 @@ from typing import Any
 import torch
 
 from detr_deform.checkpoint import CheckpointError, write_checkpoint
-from detr_deform.config import ConfigError, DataConfig
+from detr_deform.config import DataConfig
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.hf import save_hf
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
@@ -60,7 +59,8 @@ OFFICIAL_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="checkpoint to read (ours, official, or a Hugging Face folder)")
     parser.add_argument("dst", type=Path, help="file to write (official, detr_deform) or folder (hf)")
     parser.add_argument("--to", required=True, choices=FORMATS, help="format of DST")
@@ -102,30 +102,19 @@ def convert(args: argparse.Namespace) -> int:
     if exists and not args.overwrite:
         print(f"error: {args.dst} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    try:
-        content = read_content(args.src)
-        model, cfg = model_from_content(content, args.src)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    content = read_content(args.src)
+    model, cfg = model_from_content(content, args.src)
     names = content.get("category_names") if isinstance(content, dict) else None
-    try:
-        # The validation sizes travel too (our config's data section <-> HF's preprocessor_config.json).
-        saved = content.get("config", {}) if isinstance(content, dict) else {}
-        data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=str(args.src))
-        if args.to == "hf":
-            save_hf(model, cfg, args.dst, class_names=names, val_size=data.val_size, max_size=data.max_size)
-        elif args.to == "official":
-            write_official(args.dst, model, cfg, names)
-        else:
-            config = {"model": cfg.to_dict(), "data": {"val_size": data.val_size, "max_size": data.max_size}}
-            save_checkpoint(args.dst, model, config, **({"category_names": dict(names)} if names else {}))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    # The validation sizes travel too (our config's data section <-> HF's preprocessor_config.json).
+    saved = content.get("config", {}) if isinstance(content, dict) else {}
+    data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=str(args.src))
+    if args.to == "hf":
+        save_hf(model, cfg, args.dst, class_names=names, val_size=data.val_size, max_size=data.max_size)
+    elif args.to == "official":
+        write_official(args.dst, model, cfg, names)
+    else:
+        config = {"model": cfg.to_dict(), "data": {"val_size": data.val_size, "max_size": data.max_size}}
+        save_checkpoint(args.dst, model, config, **({"category_names": dict(names)} if names else {}))
     variant = "two-stage" if cfg.two_stage else "box refinement" if cfg.with_box_refine else "plain"
     print(f"wrote {args.dst} ({args.to}: {cfg.backbone}, {variant}, {cfg.num_feature_levels} feature level(s), "
           f"{cfg.num_classes} classes) from {args.src}")
@@ -133,7 +122,8 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return convert(parse_args(argv))
+    args = parse_args(argv)
+    return run_tool(lambda: convert(args))
 
 
 if __name__ == "__main__":

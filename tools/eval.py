@@ -11,8 +11,6 @@ the checkpoint as <name>.eval.json, or outputs/eval/<name>.eval.json when that
 folder is read-only). Distributed evaluation gives exactly the single-process
 result (every image is evaluated once). A checkpoint with NaN/inf weights is
 evaluated with a warning next to the metrics (and in the JSON).
-Exit status: 0 done; 2 bad arguments, checkpoint, data or device (one line on
-stderr); 1 an output file that could not be written.
 """
 from __future__ import annotations
 
@@ -27,22 +25,22 @@ from pathlib import Path
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from detr_deform.checkpoint import CheckpointError
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.loading import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
 from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
-from detr_deform.config import ConfigError, DataConfig
+from detr_deform.config import DataConfig
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine import distributed
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.steps import evaluate
 from detr_deform.models.build import build_postprocessor
-from detr_deform.utils.device import DeviceError
-from detr_deform.utils.files import OutputError, write_text
+from detr_deform.utils.files import write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint: ours, an official model-zoo .pth, or a Hugging Face save_pretrained folder")
     parser.add_argument("--coco-path", help="COCO root (val2017/ and annotations/instances_val2017.json)")
     parser.add_argument("--images", help="image folder of a COCO-format set")
@@ -143,25 +141,15 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        dist_info = distributed.init_distributed(args.device, option="--device")
-    except DeviceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: evaluate_checkpoint(args))
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> None:
+    dist_info = distributed.init_distributed(args.device, option="--device")
     try:
         run(args, dist_info)
-    except (CheckpointError, DatasetError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OutputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # reading inputs failed below the checks (a mount gone, an I/O error)
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
     finally:
         distributed.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

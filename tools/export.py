@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--output", type=Path, help="ONNX file (default: next to the checkpoint, .onnx)")
     parser.add_argument("--height", type=int)
@@ -66,46 +69,37 @@ def check_images(args: argparse.Namespace, height: int, width: int) -> list[torc
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from detr_deform.checkpoint import CheckpointError
-    from detr_deform.data.errors import DatasetError
-    from detr_deform.detector import Detector
-    from detr_deform.export import compare_with_onnxruntime, export_onnx
-    from detr_deform.utils.device import DeviceError
-    from detr_deform.utils.files import OutputError, write_text
+    return run_tool(lambda: export(args))
 
-    output = None
+
+def export(args: argparse.Namespace) -> int:
+    """Exports, then (unless --no-check) compares with onnxruntime; the exit status."""
+    from detr_deform.detector import Detector
+    from detr_deform.errors import MissingExtraError
+    from detr_deform.export import compare_with_onnxruntime, export_onnx
+    from detr_deform.utils.files import write_text, writing
+
+    detector = Detector.from_pretrained(args.checkpoint, device="cpu")
+    height = args.height or detector.val_size
+    width = args.width or min(detector.max_size, round(height * 4 / 3))
+    output = args.output or Path(args.checkpoint).with_suffix(".onnx")
     try:
-        detector = Detector.from_pretrained(args.checkpoint, device="cpu")
-        height = args.height or detector.val_size
-        width = args.width or min(detector.max_size, round(height * 4 / 3))
-        output = args.output or Path(args.checkpoint).with_suffix(".onnx")
-        export_onnx(detector.model, output, height, width, args.opset)
+        with writing(output):  # disk full, read-only folder: one line naming the file
+            export_onnx(detector.model, output, height, width, args.opset)
         print(f"exported {output} ({output.stat().st_size / 2**20:.1f} MiB), input images (1, 3, {height}, {width})")
         if args.no_check:
             return 0
         images = check_images(args, height, width)
         worst = compare_with_onnxruntime(detector.model, output, images)
-    except (CheckpointError, DatasetError, DeviceError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except ModuleNotFoundError as error:
         if error.name not in ("onnx", "onnxruntime", "onnxscript"):  # a broken installation: show the traceback
             raise
         skip = " (or pass --no-check to skip the onnxruntime comparison)" if error.name == "onnxruntime" else ""
-        print(f"error: exporting and checking need {error.name}: pip install 'detr_deform[tools]'{skip}",
-              file=sys.stderr)
-        return 1
-    except OSError as error:  # writing the ONNX file (disk full, read-only folder), or reading the checkpoint
-        where = f"could not write {output}" if output is not None else f"could not read {args.checkpoint}"
-        print(f"error: {where}: {error}", file=sys.stderr)
-        return 1
+        raise MissingExtraError(f"exporting and checking need {error.name}: pip install 'detr_deform[tools]'{skip}",
+                                name=error.name) from error
     report = {"onnx": str(output), "height": height, "width": width, "images_checked": len(images),
               "max_abs_diff": worst, "tolerance": args.tolerance, "ok": max(worst.values()) <= args.tolerance}
-    try:
-        write_text(output.with_suffix(".check.json"), json.dumps(report, indent=2))
-    except OutputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    write_text(output.with_suffix(".check.json"), json.dumps(report, indent=2))
     print(f"onnxruntime vs PyTorch on {len(images)} image(s): max |diff| pred_logits {worst['pred_logits']:.2e}, "
           f"pred_boxes {worst['pred_boxes']:.2e} ({'OK' if report['ok'] else 'ABOVE'} tolerance {args.tolerance:g})")
     return 0 if report["ok"] else 1

@@ -22,36 +22,33 @@ can): <output-dir>/<name>.detections.jsonl with one line per frame {"frame", "ti
 and with --draw the annotated video <output-dir>/<name>.drawn.<suffix>; the measured
 frames/s is printed at the end.
 
-Exit status: 0 done; 2 bad input or arguments (missing or unreadable files, unusable
-checkpoint, no such device); 1 other expected failures (outputs cannot be written,
-e.g. a full disk; PyAV missing for a video); 130 interrupted (results so far kept).
+A run stopped by Ctrl-C keeps the results so far (exit status 130).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
 from detr_deform.detector import Detections, Detector
 from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file
-from detr_deform.utils.device import DeviceError, resolve_device
-from detr_deform.utils.files import OutputError, writing
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
+from detr_deform.utils.device import resolve_device
+from detr_deform.utils.files import OutputError, atomic_open, writing
 from detr_deform.visualization import save_image
 
 VIDEO_BATCH = 8  # frames share a size: batching them changes no result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("inputs", nargs="+", help="image or video files, folders or glob patterns (quote globs)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/infer"))
@@ -75,16 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_atomically(path: Path, text_chunks: Iterator[str]) -> None:
-    """``path`` replaced at once by the concatenated chunks (a temporary file beside it, then rename)."""
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                for chunk in text_chunks:
-                    handle.write(chunk)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    """``path`` replaced at once by the concatenated chunks (the package's one atomic writer)."""
+    with atomic_open(path) as handle:
+        for chunk in text_chunks:
+            handle.write(chunk)
 
 
 def drawn_name(path: Path, index: int, used: set[str], suffix: str) -> str:
@@ -263,23 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except OutputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as error:
-        if error.name != "av":  # a broken installation: show the traceback
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, DatasetError, DeviceError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)  # VideoError is a ValueError; OSError: input paths
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the results so far are in {args.output_dir}", file=sys.stderr)
-        return 130
-    return 0
+    return run_tool(lambda: run(args), interrupt_note=f"the results so far are in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@
 Panels: the total loss and each loss term (train steps, optionally smoothed),
 the learning rate, and COCO AP / AP50 / AP75 against the training step.
 Reads the JSON-lines log every run writes (<run>/log.jsonl).
-Exit status: 0 done; 2 a missing or unreadable log (one line on stderr); 1 matplotlib
-missing or the PNG could not be written.
 """
 from __future__ import annotations
 
@@ -19,12 +17,16 @@ import math
 import sys
 from pathlib import Path
 
+from detr_deform.errors import EXIT_STATUS_HELP, DetrDeformError, optional_import, run_tool
+from detr_deform.utils.files import writing
+
 DEFAULT_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
 METRICS = ("AP", "AP50", "AP75")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or log.jsonl files")
     parser.add_argument("--labels", nargs="+", help="legend names (default: the run directory names)")
     parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="loss terms to plot")
@@ -118,24 +120,25 @@ def plot(runs: list[tuple[str, list[dict]]], losses: list[str], window: int, out
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        logs = [read_log(run) for run in args.runs]
-    except (OSError, UnicodeDecodeError) as error:  # missing, unreadable or not a text file
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        import matplotlib  # noqa: F401  (optional extra: tools)
-    except ImportError:
-        print("error: plot_logs.py needs matplotlib: pip install 'detr_deform[tools]'", file=sys.stderr)
-        return 1
+    return run_tool(lambda: plot_runs(args))
+
+
+def plot_runs(args: argparse.Namespace) -> None:
+    logs = []
+    for run in args.runs:
+        try:
+            logs.append(read_log(run))
+        except (OSError, UnicodeDecodeError) as error:  # missing, unreadable or not a text file: bad input
+            raise LogError(str(error)) from error
+    optional_import("matplotlib", "tools", "plot_logs.py")
     labels = args.labels or [(run if run.is_dir() else run.parent).name for run in args.runs]
-    try:
+    with writing(args.output):  # the PNG could not be written (read-only folder, disk full)
         output = plot(list(zip(labels, logs)), args.losses, args.smooth, args.output)
-    except OSError as error:  # the PNG could not be written (read-only folder, disk full)
-        print(f"error: could not write {args.output}: {error}", file=sys.stderr)
-        return 1
     print(f"wrote {output}")
-    return 0
+
+
+class LogError(DetrDeformError):
+    """A run's log.jsonl is missing or unreadable (bad input: exit status 2)."""
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
     python tools/train.py experiment=two_stage runtime.output_dir=runs/x runtime.resume=auto
 
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
-Exit status: 0 done; 2 a configuration, data or checkpoint problem or a non-finite loss (one line on
-stderr); 1 a run file that could not be written (disk full: one line naming it); 128+N stopped by
-signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130 after a second Ctrl-C
-(nothing saved for the current step).
+Exit status (the table every tool shares, docs/tools.md): 0 done; 1 the run failed while running
+(a run file that could not be written, e.g. disk full: one line naming it; an I/O error); 2 a
+configuration, data or checkpoint problem or a non-finite loss (one line on stderr, nothing lost);
+3 stopped early, resumable; 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM,
+130 for Ctrl-C); 130 after a second Ctrl-C (nothing saved for the current step).
 """
 from __future__ import annotations
 
@@ -19,47 +20,39 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from detr_deform.checkpoint import CheckpointError
-from detr_deform.cli import config_from_hydra, precheck
-from detr_deform.config import ConfigError, register_configs
-from detr_deform.data.errors import DatasetError
-from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
+from detr_deform.cli import compose_config, config_from_hydra, hydra_mode
+from detr_deform.config import register_configs
+from detr_deform.errors import run_tool
 from detr_deform.engine.trainer import train
-from detr_deform.utils.files import OutputError
 
 register_configs()
+
+# What the one-line errors add (docs/tools.md has the exit-status table every tool shares).
+FAILURE_NOTE = "the run's earlier files (checkpoints, logs) are intact"
+INTERRUPT_NOTE = ("a second Ctrl-C; no checkpoint was written for the current step, the last checkpoint_last.pth "
+                  "of the run is intact")
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
-    try:
-        train(config_from_hydra(cfg))
-    except TrainingInterrupted as stop:
-        print(str(stop), file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OutputError as error:
-        print(f"error: {error}; the run's earlier files (checkpoints, logs) are intact", file=sys.stderr)
-        sys.exit(1)
-    except OSError as error:  # below the checks (an input mount gone, an I/O error): no traceback
-        print(f"error: {type(error).__name__}: {error}; the run's earlier files (checkpoints, logs) are intact",
-              file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted by a second Ctrl-C: no checkpoint was written for the current step; the last "
-              "checkpoint_last.pth of the run is intact", file=sys.stderr)
-        sys.exit(130)
+    """Hydra's own path (--help, --cfg job, --multirun, hydra.* overrides): Hydra composes."""
+    status = run_tool(lambda: train(config_from_hydra(cfg)), failure_note=FAILURE_NOTE,
+                      interrupt_note=INTERRUPT_NOTE)
+    if status:
+        sys.exit(status)
 
 
 def main() -> None:
-    try:
-        precheck(sys.argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    run()
+    sys.exit(run_tool(lambda: start(sys.argv[1:]), failure_note=FAILURE_NOTE, interrupt_note=INTERRUPT_NOTE))
+
+
+def start(argv: list[str]) -> None:
+    """A plain run is composed and validated once (a bad value is one line before anything is
+    created), then trained; Hydra's flags go to Hydra's main."""
+    if hydra_mode(argv):
+        run()
+    else:
+        train(compose_config(argv))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from detr_deform.checkpoint import CheckpointError
 from detr_deform.data.errors import DatasetError
-from detr_deform.utils.device import DeviceError
-from detr_deform.utils.files import OutputError
+from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     attention = sub.add_parser("attention", help="deformable attention sampling points of a checkpoint")
     attention.add_argument("checkpoint")
@@ -168,22 +167,13 @@ def dataset_samples(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        written = attention_maps(args) if args.command == "attention" else dataset_samples(args)
-    except ModuleNotFoundError as error:
-        if error.name != "matplotlib":  # a broken installation: show the traceback
-            raise
-        print('error: the attention pictures need matplotlib: pip install "detr_deform[tools]"', file=sys.stderr)
-        return 1
-    except OutputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, DatasetError, DeviceError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)  # OSError: input paths
-        return 2
+    return run_tool(lambda: visualize(args))
+
+
+def visualize(args: argparse.Namespace) -> None:
+    written = attention_maps(args) if args.command == "attention" else dataset_samples(args)
     print(f"wrote {len(written)} PNG file(s) to {args.output_dir}")
     print(json.dumps([str(p) for p in written]))
-    return 0
 
 
 if __name__ == "__main__":

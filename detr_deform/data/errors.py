@@ -1,8 +1,10 @@
 """The error every dataset problem is reported with."""
 from __future__ import annotations
 
+from detr_deform.errors import DetrDeformError
 
-class DatasetError(ValueError):
+
+class DatasetError(DetrDeformError, ValueError):
     """A dataset file or annotation is unusable; the message names it. ``kind``
     tags the problem (e.g. "missing_file", "unreadable_image", "size_mismatch")."""
 

@@ -15,21 +15,25 @@ import torch
 
 from detr_deform.engine import distributed
 from detr_deform.utils.files import write_text
+from detr_deform.errors import DetrDeformError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient became NaN/inf; the message lists the step, images and terms."""
+class NonFiniteLossError(DetrDeformError, FloatingPointError):
+    """A loss or gradient became NaN/inf; the message lists the step, images and terms. Exit
+    status 2: the usual causes are the configuration (learning rate) or the data, and the run's
+    checkpoints are intact."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(DetrDeformError):
     """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code``
-    is 128 + the signal number."""
+    is 128 + the signal number. Its message is printed as it is (no "error:")."""
+
+    prefix = ""
 
     def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+        super().__init__(message, exit_code=exit_code)
 
 
 class GracefulStop:

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from detr_deform.errors import EXIT_FAILED, DetrDeformError
 
 SOURCE_FILES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_checks.cpp", "ms_deform_attn_cpu.cpp")
 CUDA_SOURCE_FILES = ("ms_deform_attn_cuda.cu",)
@@ -37,8 +38,10 @@ EMULATION_SOURCE_FILES = ("cuda_emulation.cpp", "ms_deform_attn_checks.cpp")
 EMULATION_LIBRARY = "detr_deform_cuda_emulation"
 
 
-class OpsBuildError(RuntimeError):
-    """The compiled operator could not be built or loaded."""
+class OpsBuildError(DetrDeformError, RuntimeError):
+    """The compiled operator could not be built or loaded (a failed run: exit status 1)."""
+
+    exit_code = EXIT_FAILED
 
 
 def _cpp_extension():

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+from detr_deform.errors import DetrDeformError
 
 
-class DeviceError(ValueError):
+class DeviceError(DetrDeformError, ValueError):
     """The requested device does not exist here; the message names the option and the fix."""
 
 

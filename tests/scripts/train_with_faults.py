@@ -5,6 +5,7 @@ FAULT_CRASH_AT_STEP=5    the process dies (exit 1) at this step ...
 FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
 FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)
 FAULT_SLEEP_S=0.2        sleep after every step (time to send a signal)
+FAULT_ANNOUNCE_SLEEP=1   ... printing "fault: sleeping after step N" first (an event a test can wait on)
 FAULT_EVAL_FAIL=1        the evaluation raises (after the first epoch's training)
 FAULT_LOG_FULL_AT_RECORD=5  writing the 5th log.jsonl record fails with ENOSPC (disk full)
 FAULT_DISK_FULL_AT_START=1  the first file the run writes fails with ENOSPC
@@ -69,6 +70,8 @@ def faulty_step(*args, **kwargs):
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a pre-empted node: no cleanup at all
     if SLEEP_S:
+        if os.environ.get("FAULT_ANNOUNCE_SLEEP") == "1":
+            print(f"fault: sleeping after step {calls['step']}", flush=True)
         time.sleep(SLEEP_S)
     return result
 

@@ -72,9 +72,12 @@ def same_default(written: str, value) -> bool:
     if text.endswith("π"):  # e.g. position_embedding_scale: 2π
         return math.isclose(float(text[:-1] or 1) * math.pi, value)
     try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parsed = text
+        parsed = float(text)  # yaml reads 2e-4 (no dot) as a string
+    except ValueError:
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = text
     return parsed == value or text == as_yaml_text(value)
 
 

@@ -44,8 +44,8 @@ PICKLE_MAGIC = b"\x80"        # the legacy torch.save format starts with a pickl
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True and the allow-list; one clear CheckpointError
-    for anything that is not a readable, intact PyTorch checkpoint (our files' weights
-    checksum is verified; files without one, older or not ours, load as they are)."""
+    for anything that is not a readable, intact PyTorch checkpoint (our files' checksums
+    are verified, every section; files without one, older or not ours, load as they are)."""
     file = Path(path)
     if file.is_dir():
         raise CheckpointError(f"{file} is a directory, not a checkpoint file: pass the file inside it (e.g. "
@@ -114,7 +114,8 @@ def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, torch.Tens
 
 
 def weights_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: names, dtypes, shapes and bytes, in name order."""
+    """SHA-256 of a state dict: names, dtypes, shapes and bytes, in name order (the
+    ``weights_sha256`` of files written before every section was checksummed)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
@@ -126,12 +127,65 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+CHECKSUMS = "checksums"  # {section: SHA-256} of every other top-level entry of our files
+
+
+def content_checksums(content: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every top-level section of a checkpoint's content (model, optimizer,
+    lr_scheduler, scaler, ema, rng, progress, config, ...): one pass over the values,
+    each tensor hashed from its own memory (no serialised second copy)."""
+    sums = {}
+    for key in sorted(content):
+        if key in (CHECKSUMS, "weights_sha256"):
+            continue
+        digest = hashlib.sha256()
+        _feed(digest, content[key])
+        sums[key] = digest.hexdigest()
+    return sums
+
+
+def _feed(digest: hashlib._Hash, value: Any) -> None:
+    """Adds ``value`` to ``digest`` with its type and structure, so that any change to a
+    tensor's bytes, dtype or shape, a number, a string or a key changes the digest; the
+    same on the object torch.save was given and on what torch.load gives back."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):  # a tuple may come back as a list: same digest
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, argparse.Namespace):
+        _feed(digest, vars(value))
+    else:  # None, bool, int, float, str, bytes: repr round-trips every one exactly
+        text = repr(value)
+        digest.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
+
+
 def _verify_checksum(content: Any, file: Path) -> None:
-    if not (isinstance(content, dict) and content.get("format") == FORMAT and "weights_sha256" in content):
+    """Our files: every section against ``checksums`` (older ones: the weights against
+    ``weights_sha256``); files without either load as they are."""
+    if not (isinstance(content, dict) and content.get("format") == FORMAT):
         return
-    model = content.get("model")
-    if not isinstance(model, dict) or weights_checksum(model) != content["weights_sha256"]:
-        raise CheckpointError(f"{file}: the weights do not match the checksum stored when the file was written: the "
+    stored = content.get(CHECKSUMS)
+    if isinstance(stored, dict):
+        actual = content_checksums(content)
+        bad = sorted(k for k in actual.keys() | stored.keys() if actual.get(k) != stored.get(k))
+    elif "weights_sha256" in content:
+        model = content.get("model")
+        bad = [] if isinstance(model, dict) and weights_checksum(model) == content["weights_sha256"] else ["model"]
+    else:
+        return
+    if bad:
+        what = "the weights" if bad == ["model"] else f"{len(bad)} section(s) ({', '.join(bad)})"
+        raise CheckpointError(f"{file}: {what} do not match the checksum stored when the file was written: the "
                               f"file was damaged afterwards (disk, copy or transfer). Use a copy of it, or the run's "
                               f"other checkpoint (checkpoint_last.pth / checkpoint_best.pth)")
 
@@ -139,11 +193,13 @@ def _verify_checksum(content: Any, file: Path) -> None:
 def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
     """Writes ``content`` atomically: a temporary file in the same folder, fsync,
     then rename, so an interrupted save never replaces a good checkpoint. Our
-    format gets a checksum of its weights; the file gets the usual permissions
-    (0666 minus the umask), not the private ones of a temporary file."""
+    format gets a checksum of every section (``checksums``, verified by
+    ``read_checkpoint``); the file gets the usual permissions (0666 minus the
+    umask), not the private ones of a temporary file."""
     path = Path(path)
-    if content.get("format") == FORMAT and isinstance(content.get("model"), dict):
-        content = {**content, "weights_sha256": weights_checksum(content["model"])}
+    if content.get("format") == FORMAT:
+        content = {k: v for k, v in content.items() if k != "weights_sha256"}
+        content[CHECKSUMS] = content_checksums(content)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

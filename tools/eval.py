@@ -11,8 +11,10 @@ the checkpoint as <name>.eval.json, or outputs/eval/<name>.eval.json when that
 folder is read-only). Distributed evaluation gives exactly the single-process
 result (every image is evaluated once). A checkpoint with NaN/inf weights is
 evaluated with a warning next to the metrics (and in the JSON).
-Exit status: 0 done; 2 bad arguments, checkpoint, data or device (one line on
-stderr); 1 an output file that could not be written.
+An output that is an input (the checkpoint or the annotation file, under any name:
+symlink, hard link) is refused before anything runs.
+Exit status: 0 done; 2 bad arguments, checkpoint, data or device, or an output onto an
+input (one line on stderr); 1 an output file that could not be written.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.steps import evaluate
 from detr_deform.models.build import build_postprocessor
 from detr_deform.utils.device import DeviceError
-from detr_deform.utils.files import OutputError, write_text
+from detr_deform.utils.files import OutputError, OutputIsInputError, refuse_outputs_onto_inputs, write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     if args.topk:
         cfg.num_select = args.topk
     images, annotations, val_size, max_size = resolve_data(args, saved_config)
+    output = Path(args.output) if args.output else default_output(args.checkpoint)
+    refuse_outputs_onto_inputs({"--output": output, "--dump-detections": args.dump_detections},
+                               {"the checkpoint": args.checkpoint, "the annotation file": annotations})
     dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
     if dataset.num_classes > cfg.num_classes:
         raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
@@ -131,7 +136,6 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     if broken:
         print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "
               f"metrics are not meaningful", file=sys.stderr)
-    output = Path(args.output) if args.output else default_output(args.checkpoint)
     write_text(output, json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
                                    "num_images": len(dataset), "metrics": metrics,
                                    "nonfinite_weight_tensors": broken}, indent=2))
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run(args, dist_info)
-    except (CheckpointError, DatasetError, ConfigError) as error:
+    except (CheckpointError, DatasetError, ConfigError, OutputIsInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OutputError as error:

@@ -78,8 +78,17 @@ def refuse_outputs_onto_inputs(outputs: dict[str, str | os.PathLike | None],
         if out is None or not Path(out).exists():
             continue  # a file still to be created cannot be an input
         for in_what, path in candidates:
-            if path.exists() and os.path.samefile(out, path):
+            if same_file(out, path):
                 alias = "" if os.path.abspath(out) == os.path.abspath(path) else f" (the same file as {path})"
                 raise OutputIsInputError(
                     f"{out_what} {out} is {in_what}{alias}, an input of this command: writing it would destroy "
                     f"the input; choose another output path (nothing was written)")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file (device and inode: symlinks, hard links and
+    path aliases count); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -169,9 +169,10 @@ def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger, lock: Run
     for path in lock.remove_stale_temporaries():
         logger.console(f"removed {path.name}, left by an interrupted write")
     config_file = run.run_dir / "config.yaml"
-    if not config_file.exists():
+    existed = config_file.exists()
+    if not existed:
         write_text(config_file, run.config_yaml(cfg))
-    if run.resume:
+    if run.resume and (resumed is not None or existed):  # not for resume=auto on a new directory
         previous = resumed.config if resumed is not None else _config_yaml(config_file)
         record = resume_record(previous, run.saved_config(cfg), resumed.world_size if resumed else None, world_size,
                                run.resume_path, resumed.state.step if resumed else 0)

@@ -19,12 +19,13 @@ import errno
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from detr_deform.errors import EXIT_FAILED, DetrDeformError
+from detr_deform.utils.files import OutputError, atomic_path
 
 FORMAT = "detr_deform"
 VERSION = 1
@@ -45,8 +46,8 @@ PICKLE_MAGIC = b"\x80"        # the legacy torch.save format starts with a pickl
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True and the allow-list; one clear CheckpointError
-    for anything that is not a readable, intact PyTorch checkpoint (our files' weights
-    checksum is verified; files without one, older or not ours, load as they are)."""
+    for anything that is not a readable, intact PyTorch checkpoint (our files' checksums
+    are verified, every section; files without one, older or not ours, load as they are)."""
     file = Path(path)
     if file.is_dir():
         raise CheckpointError(f"{file} is a directory, not a checkpoint file: pass the file inside it (e.g. "
@@ -115,7 +116,8 @@ def state_dict_of(content: Any, path: str | os.PathLike) -> dict[str, torch.Tens
 
 
 def weights_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: names, dtypes, shapes and bytes, in name order."""
+    """SHA-256 of a state dict: names, dtypes, shapes and bytes, in name order (the
+    ``weights_sha256`` of files written before every section was checksummed)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
@@ -127,57 +129,96 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+CHECKSUMS = "checksums"  # {section: SHA-256} of every other top-level entry of our files
+
+
+def content_checksums(content: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every top-level section of a checkpoint's content (model, optimizer,
+    lr_scheduler, scaler, ema, rng, progress, config, ...): one pass over the values,
+    each tensor hashed from its own memory (no serialised second copy)."""
+    sums = {}
+    for key in sorted(content):
+        if key in (CHECKSUMS, "weights_sha256"):
+            continue
+        digest = hashlib.sha256()
+        _feed(digest, content[key])
+        sums[key] = digest.hexdigest()
+    return sums
+
+
+def _feed(digest: hashlib._Hash, value: Any) -> None:
+    """Adds ``value`` to ``digest`` with its type and structure, so that any change to a
+    tensor's bytes, dtype or shape, a number, a string or a key changes the digest; the
+    same on the object torch.save was given and on what torch.load gives back."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):  # a tuple may come back as a list: same digest
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, argparse.Namespace):
+        _feed(digest, vars(value))
+    else:  # None, bool, int, float, str, bytes: repr round-trips every one exactly
+        text = repr(value)
+        digest.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
+
+
 def _verify_checksum(content: Any, file: Path) -> None:
-    if not (isinstance(content, dict) and content.get("format") == FORMAT and "weights_sha256" in content):
+    """Our files: every section against ``checksums`` (older ones: the weights against
+    ``weights_sha256``); files without either load as they are."""
+    if not (isinstance(content, dict) and content.get("format") == FORMAT):
         return
-    model = content.get("model")
-    if not isinstance(model, dict) or weights_checksum(model) != content["weights_sha256"]:
-        raise CheckpointError(f"{file}: the weights do not match the checksum stored when the file was written: the "
+    stored = content.get(CHECKSUMS)
+    if isinstance(stored, dict):
+        actual = content_checksums(content)
+        bad = sorted(k for k in actual.keys() | stored.keys() if actual.get(k) != stored.get(k))
+    elif "weights_sha256" in content:
+        model = content.get("model")
+        bad = [] if isinstance(model, dict) and weights_checksum(model) == content["weights_sha256"] else ["model"]
+    else:
+        return
+    if bad:
+        what = "the weights" if bad == ["model"] else f"{len(bad)} section(s) ({', '.join(bad)})"
+        raise CheckpointError(f"{file}: {what} do not match the checksum stored when the file was written: the "
                               f"file was damaged afterwards (disk, copy or transfer). Use a copy of it, or the run's "
                               f"other checkpoint (checkpoint_last.pth / checkpoint_best.pth)")
 
 
 def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
-    """Writes ``content`` atomically: a temporary file in the same folder, fsync,
-    then rename, so an interrupted save never replaces a good checkpoint. Our
-    format gets a checksum of its weights; the file gets the usual permissions
-    (0666 minus the umask), not the private ones of a temporary file."""
+    """Writes ``content`` through the one atomic writer (``utils.files.atomic_path``: fsync,
+    rename), so an interrupted save never replaces a good checkpoint. Our
+    format gets a checksum of every section (``checksums``, verified by
+    ``read_checkpoint``); the file gets the usual permissions (0666 minus the
+    umask), not the private ones of a temporary file."""
     path = Path(path)
-    if content.get("format") == FORMAT and isinstance(content.get("model"), dict):
-        content = {**content, "weights_sha256": weights_checksum(content["model"])}
+    if content.get("format") == FORMAT:
+        content = {k: v for k, v in content.items() if k != "weights_sha256"}
+        content[CHECKSUMS] = content_checksums(content)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise CheckpointError(f"could not write checkpoint {path}: {error}", exit_code=EXIT_FAILED) from error
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as raw:
+        with atomic_path(path) as tmp, open(tmp, "wb") as raw:
             handle = _ErrorRecorder(raw)
             try:
                 torch.save(content, handle)
             except RuntimeError as error:
                 # torch's zip writer reports a failed write as "enforce fail ... unexpected pos"; say what the OS said.
                 raise handle.error or error
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)):
-            previous = "the previous checkpoint there is untouched" if path.exists() else "no file was written"
-            full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-            raise CheckpointError(f"could not write checkpoint {path}: {error}"
-                                  f"{' (disk full or quota exceeded?)' if full else ''}; {previous}",
-                                  exit_code=EXIT_FAILED) from error
-        raise  # KeyboardInterrupt (a second Ctrl-C) and the like: the temporary file is gone, nothing replaced
+    except (OutputError, RuntimeError) as error:
+        # KeyboardInterrupt (a second Ctrl-C) and the like pass: the temporary file is gone, nothing replaced.
+        cause = error.__cause__ if isinstance(error, OutputError) and error.__cause__ is not None else error
+        previous = "the previous checkpoint there is untouched" if path.exists() else "no file was written"
+        full = getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointError(f"could not write checkpoint {path}: {cause}"
+                              f"{' (disk full or quota exceeded?)' if full else ''}; {previous}",
+                              exit_code=EXIT_FAILED) from cause
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class _ErrorRecorder:

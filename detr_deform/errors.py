@@ -91,12 +91,13 @@ def error_line(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {error}"
 
 
-def run_tool(body: Callable[[], int | None], *, failure_note: str = "",
-             interrupt_note: str = "") -> int:
+def run_tool(body: Callable[[], int | None], *, failure_note: str = "", interrupt_note: str = "",
+             report: Callable[[str], None] | None = None) -> int:
     """Runs a tool's body and returns its exit status by the table: 0 (or what the body returns)
     when it ends normally; for an error of the family, a KeyboardInterrupt or an OSError, one line
     on stderr (``failure_note`` appended to failures of the run, status 1; ``interrupt_note`` to
-    Ctrl-C) and the table's status. Any other exception is a bug and keeps its traceback."""
+    Ctrl-C) and the table's status. ``report`` prints the line (default: to stderr). Any other
+    exception is a bug and keeps its traceback."""
     try:
         status = body()
     except (DetrDeformError, KeyboardInterrupt, OSError) as error:
@@ -106,6 +107,9 @@ def run_tool(body: Callable[[], int | None], *, failure_note: str = "",
             line += f"; {failure_note}"
         if code == EXIT_CTRL_C and interrupt_note:
             line += f": {interrupt_note}"
-        print(line, file=sys.stderr, flush=True)
+        if report is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            report(line)
         return code
     return EXIT_DONE if status is None else status

@@ -178,11 +178,19 @@ def test_weights_checksum_catches_a_flipped_byte_and_old_files_still_load(saved,
     flipped.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="do not match the checksum stored when the file was written"):
         load_model(flipped)
-    del content["weights_sha256"]                          # as written before checksums existed
+    del content["checksums"]                               # as written before checksums existed
     old = tmp_path / "old.pth"
     torch.save(content, old)
     model, _ = load_model(old)
     assert torch.equal(model.transformer.level_embed, weights)
+    # ... and as written when only the weights were checksummed: still verified
+    from detr_deform.checkpoint import weights_checksum
+
+    torch.save({**content, "weights_sha256": weights_checksum(content["model"])}, old)
+    assert torch.equal(load_model(old)[0].transformer.level_embed, weights)
+    torch.save({**content, "weights_sha256": "0" * 64}, old)
+    with pytest.raises(CheckpointError, match="the weights do not match the checksum"):
+        load_model(old)
 
 
 def test_checkpoints_get_the_umask_mode_not_a_temporary_files(tmp_path):
@@ -253,7 +261,7 @@ def test_a_write_failing_inside_torch_save_is_reported_as_what_it_was(tmp_path, 
 def nan_checkpoint(trained_run, tmp_path_factory):
     content = torch.load(trained_run[0] / "checkpoint_last.pth", weights_only=True)
     content["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in content["model"].items()}
-    del content["weights_sha256"]
+    del content["checksums"]
     path = tmp_path_factory.mktemp("nan") / "nan.pth"
     torch.save(content, path)
     return path

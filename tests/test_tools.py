@@ -83,7 +83,7 @@ def test_infer_threshold_and_bad_input(checkpoint, tiny_demo_root, tmp_path):
     assert missing.returncode == 2 and "no image files found" in missing.stderr
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    failed = tool("infer", checkpoint, broken, "--output-dir", tmp_path)
+    failed = tool("infer", checkpoint, broken, "--output-dir", tmp_path, "--overwrite")  # the results above
     assert failed.returncode == 2 and "cannot read image" in failed.stderr and "Traceback" not in failed.stderr
 
 
@@ -120,7 +120,7 @@ def test_infer_full_disk_and_missing_gpu_give_one_line(checkpoint, tiny_demo_roo
     out.mkdir()
     (out / "val_00002.png").symlink_to("/dev/full")  # writing the second drawing fails: no space left
     assert infer.main([str(checkpoint), str(tiny_demo_root / "val2017"), "--draw", "--threshold", "0", "--topk",
-                       "2", "--device", "cpu", "--output-dir", str(out)]) == 1
+                       "2", "--device", "cpu", "--output-dir", str(out), "--overwrite"]) == 1
     error = capsys.readouterr().err.strip()
     assert error == f"error: could not write {out / 'val_00002.png'}: [Errno 28] No space left on device"
     index = json.loads((out / "images.json").read_text())

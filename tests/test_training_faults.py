@@ -13,7 +13,7 @@ import torch
 
 from pipeline_helpers import PYTHON, ROOT, free_port, tiny_train_args, train
 from detr_deform import CheckpointError, read_checkpoint, save_checkpoint
-from detr_deform.engine.faults import remove_stale_temporaries
+from detr_deform.engine.run_dir import lock_run_dir
 
 FAULTS = str(ROOT / "tests" / "scripts" / "train_with_faults.py")
 QUICK = ["runtime.max_eval_images=2", "runtime.vis_images=0"]
@@ -147,8 +147,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert read_checkpoint(path)["note"] == "first"
     leftovers = list(tmp_path.glob(".checkpoint_last.pth.*.tmp"))
     assert len(leftovers) == 1
-    assert remove_stale_temporaries(tmp_path) == leftovers and not leftovers[0].exists()
+    lock = lock_run_dir(tmp_path, str(tmp_path))       # only the directory's owner removes temporaries
+    assert lock.remove_stale_temporaries() == leftovers and not leftovers[0].exists()
+    lock.release()
     assert path.exists()
+    with pytest.raises(RuntimeError, match="needs the lock"):
+        lock.remove_stale_temporaries()
 
 
 def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path, monkeypatch):

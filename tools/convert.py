@@ -14,7 +14,8 @@ beside it). DST is written as
 The weights are converted exactly (bitwise; the model is built and loaded strictly on the way).
 Category names travel (HF id2label <-> our category_names; official files keep them in an
 extra "category_names" entry the official code ignores). Fields a format has no place for
-fall back to their defaults (docs/tools.md).
+fall back to their defaults (docs/tools.md). A DST that is SRC under any name (symlink, hard
+link, or SRC's own folder for --to hf) is refused.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.hf import save_hf
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils.files import refuse_outputs_onto_inputs
 
 FORMATS = ("hf", "official", "detr_deform")
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what save_hf writes into DST
 
 # The official main.py's argument defaults, as stored in its checkpoints' "args".
 OFFICIAL_DEFAULTS: dict[str, Any] = dict(
@@ -65,10 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("dst", type=Path, help="file to write (official, detr_deform) or folder (hf)")
     parser.add_argument("--to", required=True, choices=FORMATS, help="format of DST")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    args = parser.parse_args(argv)
-    if args.src.resolve() == args.dst.resolve():
-        parser.error("SRC and DST are the same path")
-    return args
+    return parser.parse_args(argv)
 
 
 def official_args_from(cfg: ModelConfig) -> argparse.Namespace:
@@ -98,6 +98,8 @@ def write_official(path: Path, model: torch.nn.Module, cfg: ModelConfig, categor
 
 def convert(args: argparse.Namespace) -> int:
     """Reads SRC, builds and strictly loads its model, writes DST; the exit status."""
+    written = {"DST": args.dst, **({f"DST's {name}": args.dst / name for name in HF_FILES} if args.to == "hf" else {})}
+    refuse_outputs_onto_inputs(written, {"SRC": args.src})
     exists = args.dst.is_file() or (args.dst.is_dir() and any(args.dst.iterdir()))
     if exists and not args.overwrite:
         print(f"error: {args.dst} exists; pass --overwrite to replace it", file=sys.stderr)

@@ -11,6 +11,8 @@ the checkpoint as <name>.eval.json, or outputs/eval/<name>.eval.json when that
 folder is read-only). Distributed evaluation gives exactly the single-process
 result (every image is evaluated once). A checkpoint with NaN/inf weights is
 evaluated with a warning next to the metrics (and in the JSON).
+An output that is an input (the checkpoint or the annotation file, under any name:
+symlink, hard link) is refused before anything runs.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from detr_deform.engine import distributed
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.steps import evaluate
 from detr_deform.models.build import build_postprocessor
-from detr_deform.utils.files import write_text
+from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,6 +113,9 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     if args.topk:
         cfg.num_select = args.topk
     images, annotations, val_size, max_size = resolve_data(args, saved_config)
+    output = Path(args.output) if args.output else default_output(args.checkpoint)
+    refuse_outputs_onto_inputs({"--output": output, "--dump-detections": args.dump_detections},
+                               {"the checkpoint": args.checkpoint, "the annotation file": annotations})
     dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
     if dataset.num_classes > cfg.num_classes:
         raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
@@ -129,7 +134,6 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     if broken:
         print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "
               f"metrics are not meaningful", file=sys.stderr)
-    output = Path(args.output) if args.output else default_output(args.checkpoint)
     write_text(output, json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
                                    "num_images": len(dataset), "metrics": metrics,
                                    "nonfinite_weight_tensors": broken}, indent=2))

@@ -13,7 +13,8 @@ validation size (800 for official files), width = 4/3 of it (capped by its max s
 
 After export, PyTorch and onnxruntime run on --check-images (default: a few
 random images) and the largest absolute difference of each output is printed;
-the exit status is 1 when it exceeds --tolerance. Limitations: docs/tools.md.
+the exit status is 1 when it exceeds --tolerance; 2 for bad input, including an
+--output that is the checkpoint itself (under any name). Limitations: docs/tools.md.
 """
 from __future__ import annotations
 
@@ -77,12 +78,15 @@ def export(args: argparse.Namespace) -> int:
     from detr_deform.detector import Detector
     from detr_deform.errors import MissingExtraError
     from detr_deform.export import compare_with_onnxruntime, export_onnx
-    from detr_deform.utils.files import write_text, writing
+    from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text, writing
 
+    output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
+    refuse_outputs_onto_inputs({"--output": output, "the check report": output.with_suffix(".check.json")},
+                               {"the checkpoint": args.checkpoint,
+                                **{f"--check-images {path}": path for path in args.check_images}})
     detector = Detector.from_pretrained(args.checkpoint, device="cpu")
     height = args.height or detector.val_size
     width = args.width or min(detector.max_size, round(height * 4 / 3))
-    output = args.output or Path(args.checkpoint).with_suffix(".onnx")
     try:
         with writing(output):  # disk full, read-only folder: one line naming the file
             export_onnx(detector.model, output, height, width, args.opset)

@@ -22,6 +22,9 @@ can): <output-dir>/<name>.detections.jsonl with one line per frame {"frame", "ti
 and with --draw the annotated video <output-dir>/<name>.drawn.<suffix>; the measured
 frames/s is printed at the end.
 
+An output never replaces an input (the same file under any name: refused), a drawing
+never takes the name of the picture it was made from (``<stem>.drawn.<format>`` then),
+and the results of an earlier run in --output-dir are replaced only with --overwrite.
 A run stopped by Ctrl-C keeps the results so far (exit status 130).
 """
 from __future__ import annotations
@@ -38,9 +41,9 @@ from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
 from detr_deform.detector import Detections, Detector
 from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file
-from detr_deform.errors import EXIT_STATUS_HELP, run_tool
+from detr_deform.errors import EXIT_STATUS_HELP, DetrDeformError, run_tool
 from detr_deform.utils.device import resolve_device
-from detr_deform.utils.files import OutputError, atomic_open, writing
+from detr_deform.utils.files import OutputError, atomic_open, refuse_outputs_onto_inputs, same_file, writing
 from detr_deform.visualization import save_image
 
 VIDEO_BATCH = 8  # frames share a size: batching them changes no result
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="format of the drawn images")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="warn about and skip unreadable image files instead of stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --output-dir (refused otherwise)")
     args = parser.parse_args(argv)
     for option in ("batch_size", "topk", "val_size", "max_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
@@ -78,12 +83,62 @@ def write_atomically(path: Path, text_chunks: Iterator[str]) -> None:
             handle.write(chunk)
 
 
-def drawn_name(path: Path, index: int, used: set[str], suffix: str) -> str:
-    name = f"{path.stem}.{suffix}"
-    if name in used:  # same file name from different folders
-        name = f"{path.stem}_{index}.{suffix}"
-    used.add(name)
-    return name
+def drawn_names(paths: list[Path], output_dir: Path, suffix: str, inputs: list[Path]) -> dict[Path, str]:
+    """The file name of each image's drawing in ``output_dir``: ``<stem>.<suffix>``, numbered when
+    two inputs share a stem, and ``<...>.drawn.<suffix>`` where that name is an input itself
+    (``--output-dir`` = the photos' folder): a drawing never replaces a picture it was made from."""
+    names, used = {}, set()
+    for index, path in enumerate(paths, start=1):
+        name = f"{path.stem}.{suffix}"
+        if name in used:  # same file name from different folders
+            name = f"{path.stem}_{index}.{suffix}"
+        if any(same_file(output_dir / name, source) for source in inputs):
+            name = f"{Path(name).stem}.drawn.{suffix}"
+        used.add(name)
+        names[path] = name
+    return names
+
+
+def planned_outputs(images: list[Path], videos: list[Path], args: argparse.Namespace) -> dict[str, Path]:
+    """Every file this run will write, by what it is."""
+    outputs = {}
+    if images:
+        for name in ("detections.json", "images.json", "detections.jsonl"):
+            outputs[f"the results file {name}"] = args.output_dir / name
+        if args.draw:
+            outputs.update({f"the drawing {name}": args.output_dir / name for name in args.drawn.values()})
+    used: set[str] = set()
+    for video in videos:
+        stem = unique_stem(video, used)
+        outputs[f"the results file {stem}.detections.jsonl"] = args.output_dir / f"{stem}.detections.jsonl"
+        if args.draw:
+            outputs[f"the drawn video of {video.name}"] = args.output_dir / f"{stem}.drawn{video_suffix(video)}"
+    return outputs
+
+
+def check_outputs(images: list[Path], videos: list[Path], args: argparse.Namespace) -> None:
+    """Before anything is loaded: no output is an input (OutputIsInputError), and the results of an
+    earlier run in --output-dir are replaced only with --overwrite (OutputExistsError)."""
+    inputs = [*images, *videos]
+    args.drawn = drawn_names(images, args.output_dir, args.format, inputs) if args.draw else {}
+    outputs = planned_outputs(images, videos, args)
+    refuse_outputs_onto_inputs(outputs, {"the checkpoint": args.checkpoint,
+                                         **{f"the input {path}": path for path in inputs}})
+    existing = [path.name for path in outputs.values() if path.exists()]
+    if existing and not args.overwrite:
+        raise OutputExistsError(
+            f"--output-dir {args.output_dir} already holds results ({', '.join(existing[:3])}"
+            f"{f' and {len(existing) - 3} more' if len(existing) > 3 else ''}); pass --overwrite to replace them, "
+            f"or choose another --output-dir (nothing was written)")
+
+
+class OutputExistsError(DetrDeformError, ValueError):
+    """An earlier run's results are where this run would write (exit status 2 without --overwrite)."""
+
+
+def video_suffix(path: Path) -> str:
+    """The drawn video's container: the input's when it is one PyAV writes, else .mp4."""
+    return path.suffix.lower() if path.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi") else ".mp4"
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
@@ -150,7 +205,7 @@ def progress(total: int | None, unit: str, desc: str):
 
 def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     results = ImageResults(args.output_dir, detector.category_names)
-    batch_size, used, bar = args.batch_size or 1, set(), progress(len(paths), "img", "inference")
+    batch_size, bar = args.batch_size or 1, progress(len(paths), "img", "inference")
     try:
         for start in range(0, len(paths), batch_size):
             loaded = []
@@ -168,7 +223,7 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) 
                 detections.source = str(path)
                 drawn = None
                 if args.draw:
-                    drawn = drawn_name(path, len(results.images) + 1, used, args.format)
+                    drawn = args.drawn[path]
                     save_image(detector.draw(image, detections), args.output_dir / drawn)
                 results.add(path, detections, drawn)
             results.flush()
@@ -195,8 +250,7 @@ def run_video(detector: Detector, path: Path, args: argparse.Namespace, used: se
 
     stem = unique_stem(path, used)
     lines_path = args.output_dir / f"{stem}.detections.jsonl"
-    suffix = path.suffix.lower() if path.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi") else ".mp4"
-    video_path = args.output_dir / f"{stem}.drawn{suffix}" if args.draw else None
+    video_path = args.output_dir / f"{stem}.drawn{video_suffix(path)}" if args.draw else None
     frames = 0
     with VideoReader(path) as reader, writing(lines_path), open(lines_path, "w") as lines:
         bar = progress(reader.frame_count, "frame", path.name)
@@ -236,6 +290,7 @@ def split_inputs(sources: list[str]) -> tuple[list[Path], list[Path]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     images, videos = split_inputs(args.inputs)
+    check_outputs(images, videos, args)
     if videos:
         from detr_deform.video import require_av  # fail before loading the model
 

@@ -9,12 +9,14 @@
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
 Exit status (the table every tool shares, docs/tools.md): 0 done; 1 the run failed while running
 (a run file that could not be written, e.g. disk full: one line naming it; an I/O error); 2 a
-configuration, data or checkpoint problem or a non-finite loss (one line on stderr, nothing lost);
+configuration, data or checkpoint problem, a run directory in use by another live run, or a
+non-finite loss (one line on stderr, from the first process of each machine; nothing lost);
 3 stopped early, resumable; 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM,
 130 for Ctrl-C); 130 after a second Ctrl-C (nothing saved for the current step).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -33,17 +35,25 @@ INTERRUPT_NOTE = ("a second Ctrl-C; no checkpoint was written for the current st
                   "of the run is intact")
 
 
+def report(message: str) -> None:
+    """One line on stderr, from the first process of each machine only: under torchrun every
+    rank runs the same checks and would otherwise print the same refusal once per process."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
+        print(message, file=sys.stderr)
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     """Hydra's own path (--help, --cfg job, --multirun, hydra.* overrides): Hydra composes."""
     status = run_tool(lambda: train(config_from_hydra(cfg)), failure_note=FAILURE_NOTE,
-                      interrupt_note=INTERRUPT_NOTE)
+                      interrupt_note=INTERRUPT_NOTE, report=report)
     if status:
         sys.exit(status)
 
 
 def main() -> None:
-    sys.exit(run_tool(lambda: start(sys.argv[1:]), failure_note=FAILURE_NOTE, interrupt_note=INTERRUPT_NOTE))
+    sys.exit(run_tool(lambda: start(sys.argv[1:]), failure_note=FAILURE_NOTE, interrupt_note=INTERRUPT_NOTE,
+                      report=report))
 
 
 def start(argv: list[str]) -> None:

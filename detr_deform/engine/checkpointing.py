@@ -51,15 +51,33 @@ def save_training_checkpoint(path: Path, parts: TrainingParts, state: TrainState
         lr_scheduler=parts.scheduler.state_dict(),
         scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
         ema=parts.ema.state_dict() if parts.ema is not None else None,
-        category_names={str(k): v for k, v in category_names.items()}, rng=rng or {}, **state.state_dict())
+        category_names={str(k): v for k, v in category_names.items()}, rng=rng or {},
+        world_size=distributed.world_size(), **state.state_dict())
 
 
-def resume_training(path: Path, parts: TrainingParts, rank: int, allow_nonfinite: bool = False) -> TrainState:
+@dataclass
+class Resumed:
+    """What a resume restored: the progress, and the configuration and number of
+    processes of the attempt that wrote the checkpoint (None in older files)."""
+    state: TrainState
+    config: dict[str, Any]
+    world_size: int | None
+
+
+def resume_training(path: Path, parts: TrainingParts, rank: int, allow_nonfinite: bool = False,
+                    auto: bool = False) -> Resumed:
     """Restores ``parts`` and this rank's random-number state from a training
-    checkpoint; returns the progress it recorded. Nothing is changed when the
-    file does not fit the model (CheckpointError naming the tensor) or holds
-    NaN/inf weights (unless ``allow_nonfinite``)."""
-    content = read_checkpoint(path)
+    checkpoint. Nothing is changed when the file does not fit the model
+    (CheckpointError naming the tensor) or holds NaN/inf weights (unless
+    ``allow_nonfinite``). ``auto`` (runtime.resume=auto): an unreadable file's error
+    names the run's other checkpoints that verify, and how to continue from one."""
+    try:
+        content = read_checkpoint(path)
+    except CheckpointError as error:
+        if not auto:
+            raise
+        raise CheckpointError(f"runtime.resume=auto: the newest checkpoint cannot be used: {error}. "
+                              f"{_alternatives(path)}") from error
     if not isinstance(content, dict) or not isinstance(content.get("model"), dict) or "step" not in content:
         raise CheckpointError(f"runtime.resume={path}: not a training checkpoint of ours (no model/optimizer/step); "
                               f"to start from its weights use runtime.init_from={path}")
@@ -82,7 +100,33 @@ def resume_training(path: Path, parts: TrainingParts, rank: int, allow_nonfinite
     rng = content.get("rng", {}).get(str(rank))
     if rng is not None:
         set_rng_state(rng)
-    return state
+    config = content.get("config")
+    world_size = content.get("world_size")
+    return Resumed(state, config if isinstance(config, dict) else {},
+                   world_size if isinstance(world_size, int) else None)
+
+
+def _alternatives(newest: Path) -> str:
+    """The run's other checkpoints that verify (read in full: every checksum), with the
+    progress each holds and the exact option to continue from it; never chosen silently."""
+    run_dir = newest.parent
+    usable = []
+    for path in sorted(run_dir.glob("*.pth")):
+        if path.name == newest.name:
+            continue
+        try:
+            content = read_checkpoint(path)
+        except CheckpointError:
+            continue
+        if isinstance(content, dict) and isinstance(content.get("model"), dict) and "step" in content:
+            usable.append((int(content["step"]), path, content.get("epoch")))
+    if not usable:
+        return (f"No other checkpoint in {run_dir} verifies: restore a copy of {newest.name}, or start a new run "
+                f"with another runtime.output_dir; nothing was deleted")
+    listed = ", ".join(f"{path.name} (epoch {epoch}, step {step})" for step, path, epoch in usable)
+    latest = max(usable, key=lambda item: item[0])[1]
+    return (f"Checkpoints in {run_dir} that verify: {listed}. To continue from one (the progress after it is lost), "
+            f"pass runtime.output_dir={run_dir} runtime.resume={latest}; nothing was deleted")
 
 
 def _check_fits(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:

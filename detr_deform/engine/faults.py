@@ -1,5 +1,6 @@
 """What the trainer does when something goes wrong: pre-emption signals,
-non-finite losses, leftovers of interrupted checkpoint writes, torchrun restarts."""
+non-finite losses, torchrun restarts (leftovers of interrupted writes:
+:mod:`detr_deform.engine.run_dir`, which removes them only under the run's lock)."""
 from __future__ import annotations
 
 import json
@@ -109,15 +110,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     return write_text(run_dir / f"nonfinite_step{report['step']}.json", json.dumps(report, indent=2, allow_nan=True))
-
-
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Temporary files left by checkpoint writes that were killed (the good
-    checkpoints themselves are never touched)."""
-    stale = sorted(run_dir.glob(".checkpoint_*.pth.*.tmp")) if run_dir.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def restarted_by_torchrun() -> bool:

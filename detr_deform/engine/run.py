@@ -1,7 +1,9 @@
 """What a training run's configuration leaves open, decided once at start-up:
-the run directory, the data root, the number of classes, the checkpoint to
-resume from. The configuration itself is never written to; ``ResolvedRun``
-holds these values, and ``saved_config`` is what the run files record."""
+the run directory (claimed: created and locked by rank 0, see
+:mod:`detr_deform.engine.run_dir`), the data root, the number of classes, the
+checkpoint to resume from. The configuration itself is never written to;
+``ResolvedRun`` holds these values, ``saved_config`` is what the run files
+record, and ``resume_record`` what a resume changed (``resumes.jsonl``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +17,14 @@ from omegaconf import OmegaConf
 from detr_deform.config import Config, ConfigError, DataConfig
 from detr_deform.data.coco import CocoDetection
 from detr_deform.engine import distributed, faults
+from detr_deform.engine.run_dir import RunLock, create_run_dir, lock_run_dir, run_files
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils.files import OutputError, writing
+
+# Changes that make a resumed run differ from the uninterrupted one (other batches, other steps per epoch).
+INEXACT_KEYS = ("optim.batch_size", "optim.accumulate_steps", "world_size")
+# Keys that name the run rather than configure it.
+NOT_CHANGES = ("runtime.resume", "runtime.output_dir")
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,18 @@ def resolve_data_root(data: DataConfig, is_main: bool) -> str | None:
 
 
 def resolve_run(cfg: Config, dist_info: distributed.DistInfo, data_root: str | None,
-                train_set: CocoDetection) -> ResolvedRun:
-    """Decides the open values (no file is written); ConfigError when they conflict."""
+                train_set: CocoDetection) -> tuple[ResolvedRun, RunLock | None]:
+    """Decides the open values and claims the run directory (rank 0: created if new and
+    locked, the lock returned; no run file is written); ConfigError when they conflict
+    or another live run holds the directory."""
     resume = cfg.runtime.resume
     if faults.restarted_by_torchrun() and not resume:
         resume = "auto"  # a worker restarted by torchrun --max-restarts continues the run
     num_classes = _num_classes(cfg.model, train_set)
-    run_dir = _choose_run_dir(cfg, resume, dist_info.is_main)
-    return ResolvedRun(run_dir, data_root, num_classes, resume, _resume_path(resume, run_dir))
+    if resume and resume != "auto" and not Path(resume).is_file():
+        raise ConfigError(f"runtime.resume: checkpoint not found: {resume}")
+    run_dir, lock = _claim_run_dir(cfg, resume, dist_info.is_main)
+    return ResolvedRun(run_dir, data_root, num_classes, resume, _resume_path(resume, run_dir)), lock
 
 
 def _num_classes(model: ModelConfig, dataset: CocoDetection) -> int:
@@ -73,26 +86,66 @@ def _num_classes(model: ModelConfig, dataset: CocoDetection) -> int:
     return from_data
 
 
-def _choose_run_dir(cfg: Config, resume: str | None, is_main: bool) -> Path:
-    """runtime.output_dir, else (resume=auto) the newest run of this experiment
-    that has a checkpoint, else runs/<experiment>/<time>; decided on rank 0."""
-    run_dir = None
+def _claim_run_dir(cfg: Config, resume: str | None, is_main: bool) -> tuple[Path, RunLock | None]:
+    """Rank 0 chooses and locks the directory; every rank gets it, or the same error."""
+    lock, failure = None, None
     if is_main:
-        if cfg.runtime.output_dir:
-            run_dir = Path(cfg.runtime.output_dir)
-            if not resume and (run_dir / "checkpoint_last.pth").is_file():
-                raise ConfigError(
-                    f"runtime.output_dir={run_dir} already holds a run (checkpoint_last.pth); pass "
-                    f"runtime.resume=auto to continue it, or choose another output_dir (nothing was overwritten)")
+        try:
+            lock = _claim(cfg, resume)
+        except (ConfigError, OutputError) as error:
+            failure = error
+    outcome = distributed.broadcast_object(
+        (str(lock.run_dir) if lock else None, (type(failure).__name__, str(failure)) if failure else None))
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:  # another rank: the error rank 0 reports
+        kind, message = outcome[1]
+        raise (OutputError if kind == "OutputError" else ConfigError)(message)
+    return Path(outcome[0]), lock
+
+
+def _claim(cfg: Config, resume: str | None) -> RunLock:
+    """runtime.output_dir, else (resume=auto) the newest run of this experiment that has
+    a checkpoint, else a new runs/<experiment>/<time>[-N]; locked. A new run refuses a
+    directory that holds any run file (checked before and again under the lock)."""
+    if cfg.runtime.output_dir:
+        run_dir = Path(cfg.runtime.output_dir).resolve()
+        what = f"runtime.output_dir={run_dir}"
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"{what} is a file, not a folder: choose a folder for the run's files (nothing was "
+                              f"touched)")
+        if not resume:
+            _refuse_existing_run(run_dir, what)
+        with writing(run_dir):
+            try:
+                run_dir.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                created = False
+        lock = lock_run_dir(run_dir, what, created)
+    else:
+        base = Path("runs").resolve() / cfg.experiment
+        previous = sorted(base.glob("*/checkpoint_last.pth")) if base.is_dir() else []
+        if resume == "auto" and previous:
+            run_dir, created = previous[-1].parent, False
         else:
-            base = Path("runs") / cfg.experiment
-            previous = sorted(base.glob("*/checkpoint_last.pth")) if base.is_dir() else []
-            if resume == "auto" and previous:
-                run_dir = previous[-1].parent
-            else:
-                run_dir = base / time.strftime("%Y%m%d-%H%M%S")
-        run_dir = str(run_dir.resolve())
-    return Path(distributed.broadcast_object(run_dir))
+            run_dir, created = create_run_dir(base, time.strftime("%Y%m%d-%H%M%S")), True
+        what = f"run directory {run_dir}"
+        lock = lock_run_dir(run_dir, what, created)
+    if not resume:
+        try:
+            _refuse_existing_run(run_dir, what)  # another run may have written here since the first check
+        except ConfigError:
+            lock.release(abandon=True)
+            raise
+    return lock
+
+
+def _refuse_existing_run(run_dir: Path, what: str) -> None:
+    found = run_files(run_dir)
+    if found:
+        raise ConfigError(f"{what} already holds a run ({', '.join(found[:5])}); pass runtime.resume=auto to continue "
+                          f"it, or choose another output_dir (nothing was overwritten)")
 
 
 def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
@@ -101,7 +154,36 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         candidate = run_dir / "checkpoint_last.pth"
         return candidate if candidate.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"runtime.resume: checkpoint not found: {path}")
-    return path
+    return Path(resume)
+
+
+def resume_record(previous: dict[str, Any], current: dict[str, Any], previous_world: int | None, world: int,
+                  checkpoint: Path | None, step: int) -> dict[str, Any]:
+    """The ``resumes.jsonl`` entry of a resume: when, from which checkpoint and step, and
+    every configuration value that differs from the attempt before (``key: [old, new]``)."""
+    old, new = _flatten(previous), _flatten(current)
+    changed = {key: [old.get(key), new.get(key)] for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and key not in NOT_CHANGES}
+    if previous_world is not None and previous_world != world:
+        changed["world_size"] = [previous_world, world]
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(checkpoint) if checkpoint else None,
+            "step": step, "changed": changed}
+
+
+def inexact_resume_note(record: dict[str, Any]) -> str | None:
+    """One line when a change breaks exact resumption (batch size, accumulation, world size)."""
+    breaking = [f"{key} {old}->{new}" for key, (old, new) in record["changed"].items() if key in INEXACT_KEYS]
+    if not breaking:
+        return None
+    return (f"note: resuming with {', '.join(breaking)}: the batches and steps per epoch differ from the interrupted "
+            f"run's, so training continues but not exactly as it would have without the interruption")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat

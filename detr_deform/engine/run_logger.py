@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from detr_deform.engine.trackers import TensorBoardTracker, Tracker, build_trackers
-from detr_deform.utils.files import writing
+from detr_deform.utils.files import write_text, writing
 from detr_deform.visualization import denormalize, detection_labels, draw_boxes
 
 
@@ -27,13 +27,18 @@ class RunLogger:
         self.trackers: list[Tracker] = []
         self.log_file = None
 
-    def open(self, runtime, config: dict[str, Any], experiment: str) -> None:
-        """Creates the run's log files and starts the trackers (``config``: the resolved configuration)."""
+    def open(self, runtime, config: dict[str, Any], experiment: str, resume_step: int | None = None) -> None:
+        """Creates the run's log files and starts the trackers (``config``: the resolved configuration).
+        ``resume_step``: a resumed run's step; the log is first repaired (``repair_log``)."""
         if not self.enabled or self.log_file is not None:
             return
-        with writing(self.run_dir / "log.jsonl"):
+        log = self.run_dir / "log.jsonl"
+        if resume_step is not None and log.is_file():
+            for message in repair_log(log, resume_step):
+                self.console(message)
+        with writing(log):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+            self.log_file = open(log, "a", encoding="utf-8")
         with writing(self.run_dir):
             self.trackers = build_trackers(runtime, self.run_dir, config, experiment)
 
@@ -83,6 +88,39 @@ class RunLogger:
         if self.log_file is not None:
             with writing(self.run_dir / "log.jsonl"):
                 self.log_file.close()
+
+
+def repair_log(log: Path, resume_step: int) -> list[str]:
+    """Before a resumed run appends to ``log``: a last line cut short by a kill (no newline)
+    is moved to ``log.jsonl.partial``, and the records of the interrupted attempt after the
+    checkpoint's step (it will log those steps again) to ``log.superseded.jsonl``, so that
+    every step appears once. Returns what was done, as console lines."""
+    data = log.read_bytes()
+    messages = []
+    complete = data[:data.rfind(b"\n") + 1]  # everything up to the last newline
+    if len(complete) < len(data):
+        _append_bytes(log.with_name("log.jsonl.partial"), data[len(complete):] + b"\n")
+        messages.append(f"log.jsonl: cut a truncated last line ({len(data) - len(complete)} bytes, kept in "
+                        f"log.jsonl.partial)")
+    kept, superseded = [], []
+    for line in complete.splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            step = None  # not a record of ours: kept as it is
+        (superseded if isinstance(step, int) and step > resume_step else kept).append(line)
+    if superseded:
+        _append_bytes(log.with_name("log.superseded.jsonl"), b"".join(superseded))
+        messages.append(f"log.jsonl: {len(superseded)} record(s) after step {resume_step} of the interrupted attempt "
+                        f"moved to log.superseded.jsonl (those steps run again)")
+    if len(complete) < len(data) or superseded:
+        write_text(log, b"".join(kept).decode("utf-8", errors="replace"))
+    return messages
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    with writing(path), open(path, "ab") as handle:
+        handle.write(data)
 
 
 @torch.no_grad()

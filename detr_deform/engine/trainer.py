@@ -6,28 +6,31 @@ train (``loop.train_one_epoch``) → evaluate and keep the best → save.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from detr_deform.config import Config
 from detr_deform.data.coco import CocoDetection
 from detr_deform.data.loaders import Loaders, build_datasets, build_loaders
 from detr_deform.engine import distributed, faults
-from detr_deform.engine.checkpointing import (TrainingParts, gather_rng_states, resume_training, save_on_failure,
-                                              save_training_checkpoint)
+from detr_deform.engine.checkpointing import (Resumed, TrainingParts, gather_rng_states, resume_training,
+                                              save_on_failure, save_training_checkpoint)
 from detr_deform.engine.coco_eval import format_metrics_table
 from detr_deform.engine.loop import (EpochResult, LoopContext, NonFinitePolicy, optimizer_steps_per_epoch,
                                      train_one_epoch)
 from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
-from detr_deform.engine.run import ResolvedRun, resolve_data_root, resolve_run
+from detr_deform.engine.run import ResolvedRun, inexact_resume_note, resolve_data_root, resolve_run, resume_record
+from detr_deform.engine.run_dir import RunLock
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
-from detr_deform.utils.files import write_text, writing
+from detr_deform.utils.files import append_line, write_text
 
 def train(cfg: Config) -> dict[str, float]:
     """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).
@@ -48,7 +51,17 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
         torch.backends.cudnn.benchmark = False
     data_root = resolve_data_root(cfg.data, dist_info.is_main)
     train_set, val_set = build_datasets(cfg.data, data_root, cfg.runtime.seed)
-    run = resolve_run(cfg, dist_info, data_root, train_set)
+    run, lock = resolve_run(cfg, dist_info, data_root, train_set)
+    try:
+        return _train_in(run, lock, cfg, dist_info, stopper, train_set, val_set)
+    finally:
+        if lock is not None:  # the kernel would release it at exit; a run that wrote nothing leaves nothing
+            lock.release(abandon=True)
+
+
+def _train_in(run: ResolvedRun, lock: RunLock | None, cfg: Config, dist_info: distributed.DistInfo,
+              stopper: faults.GracefulStop, train_set: CocoDetection, val_set: CocoDetection) -> dict[str, float]:
+    """The run in its claimed directory (``lock``: held by rank 0, None elsewhere)."""
     logger = RunLogger(run.run_dir, dist_info.is_main)
     logger.console(f"run directory: {run.run_dir} | world size {dist_info.world_size} | device {dist_info.device}")
 
@@ -56,12 +69,14 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
                             pin_memory=dist_info.device.type == "cuda")
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders.train), cfg)
     parts = build_training(cfg, run.model_config(cfg), dist_info, steps_per_epoch, logger)
-    state = TrainState()
+    state, resumed = TrainState(), None
     if run.resume_path is not None:
-        state = resume_training(run.resume_path, parts, dist_info.rank, cfg.runtime.allow_nonfinite_weights)
+        resumed = resume_training(run.resume_path, parts, dist_info.rank, cfg.runtime.allow_nonfinite_weights,
+                                  auto=run.resume == "auto")
+        state = resumed.state
         where = f"epoch {state.next_epoch}" + (f", batch {state.batches_done}" if state.batches_done else "")
         logger.console(f"resumed from {run.resume_path} at {where} (step {state.step})")
-    _start_run_files(run, cfg, logger)
+    _start_run_files(run, cfg, logger, lock, resumed, dist_info.world_size)
     nonfinite = NonFinitePolicy(cfg.runtime.on_nonfinite, cfg.runtime.max_nonfinite_skips, run.run_dir,
                                 dist_info.is_main)
     ctx = LoopContext(cfg, dist_info.device, dist_info.rank, logger, stopper, nonfinite)
@@ -144,16 +159,38 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
         ctx.logger.checkpoint("checkpoint_best", path)
 
 
-def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:
-    """Rank 0, once the resume (if any) is known to fit: the run's files."""
-    if not logger.enabled:
+def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger, lock: RunLock | None,
+                     resumed: Resumed | None, world_size: int) -> None:
+    """Rank 0, once the resume (if any) is known to fit, holding the directory's lock: the
+    run's files. config.yaml is written once, when the run is created; a resume appends what
+    it changed to resumes.jsonl (and says so when the change breaks exact resumption)."""
+    if not logger.enabled or lock is None:
         return
-    with writing(run.run_dir):
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-    for path in faults.remove_stale_temporaries(run.run_dir):
-        logger.console(f"removed {path.name}, left by an interrupted checkpoint write")
-    write_text(run.run_dir / "config.yaml", run.config_yaml(cfg))
-    logger.open(cfg.runtime, run.saved_config(cfg), cfg.experiment)
+    for path in lock.remove_stale_temporaries():
+        logger.console(f"removed {path.name}, left by an interrupted write")
+    config_file = run.run_dir / "config.yaml"
+    existed = config_file.exists()
+    if not existed:
+        write_text(config_file, run.config_yaml(cfg))
+    if run.resume and (resumed is not None or existed):  # not for resume=auto on a new directory
+        previous = resumed.config if resumed is not None else _config_yaml(config_file)
+        record = resume_record(previous, run.saved_config(cfg), resumed.world_size if resumed else None, world_size,
+                               run.resume_path, resumed.state.step if resumed else 0)
+        append_line(run.run_dir / "resumes.jsonl", json.dumps(record, default=str))
+        note = inexact_resume_note(record)
+        if note:
+            logger.console(note)
+    logger.open(cfg.runtime, run.saved_config(cfg), cfg.experiment,
+                resume_step=(resumed.state.step if resumed else 0) if run.resume else None)
+
+
+def _config_yaml(path: Path) -> dict:
+    """The run's config.yaml as a dict ({} when it cannot be read: the resume record then lists every value)."""
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # a damaged or hand-edited file must not stop the resume
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _save_last(run: ResolvedRun, cfg: Config, parts: TrainingParts, state: TrainState, val_set: CocoDetection,

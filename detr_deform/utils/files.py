@@ -89,3 +89,49 @@ def _fsync(path: Path, flags: int) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Appends one line to ``path`` (created if missing), flushed to the OS at once."""
+    path = Path(path)
+    with writing(path), open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+    return path
+
+
+class OutputIsInputError(DetrDeformError, ValueError):
+    """An output path is one of the command's inputs (the same file under another name:
+    a symlink, a hard link, ``./`` or ``..`` aliases); refused before anything is written."""
+
+
+def refuse_outputs_onto_inputs(outputs: dict[str, str | os.PathLike | None],
+                               inputs: dict[str, str | os.PathLike | None]) -> None:
+    """The one guard every tool uses: raises OutputIsInputError when an output (``{what: path}``,
+    e.g. ``{"--output": ...}``) resolves to an input (``{what: path}``; a folder stands for the
+    files in it, as a Hugging Face checkpoint folder), comparing device and inode (os.path.samefile)."""
+    candidates = []
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        candidates.append((what, path))
+        if path.is_dir():
+            candidates.extend((f"a file of {what}", child) for child in sorted(path.iterdir()) if child.is_file())
+    for out_what, out in outputs.items():
+        if out is None or not Path(out).exists():
+            continue  # a file still to be created cannot be an input
+        for in_what, path in candidates:
+            if same_file(out, path):
+                alias = "" if os.path.abspath(out) == os.path.abspath(path) else f" (the same file as {path})"
+                raise OutputIsInputError(
+                    f"{out_what} {out} is {in_what}{alias}, an input of this command: writing it would destroy "
+                    f"the input; choose another output path (nothing was written)")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file (device and inode: symlinks, hard links and
+    path aliases count); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -10,10 +10,6 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
 
 
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(boxes, "xyxy", "cxcywh")
-
-
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU of xyxy boxes: (N, 4), (M, 4) -> (N, M)."""
     return _generalized_box_iou(boxes1, boxes2)

@@ -1,9 +1,10 @@
 """CPU emulation of the CUDA kernels (a test harness, not an implementation).
 
-``ops/ms_deform_attn/cuda_emulation.cpp`` compiles the CUDA kernels' per-thread
-bodies and host driver with the normal C++ compiler and runs every (block,
-thread) of the real launch configuration on the CPU, atomics as plain adds,
-optionally in a shuffled thread order. It is built and cached like the
+``ops/ms_deform_attn/cuda_emulation.cpp`` compiles the CUDA kernels' bodies and
+host driver with the normal C++ compiler and runs every (block, thread) of the
+real launch configuration on the CPU -- the backward warp by warp, its 32 lanes
+in lockstep between the warp sums, which it performs as the shuffles do --
+atomics as plain adds, optionally in a shuffled thread (warp and lane) order. It is built and cached like the
 operator (``python -m detr_deform.ops build --emulation``) and registers
 ``torch.ops.detr_deform_emulation.*``. See docs/operator.md, "Testing the CUDA
 kernels without a GPU".
@@ -18,7 +19,7 @@ import torch
 from detr_deform.ops._build import OpsBuildError, build_and_load_emulation
 from detr_deform.ops._checks import check_tensor_arguments
 
-__all__ = ["Launch", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
+__all__ = ["Launch", "backward_threads", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
            "load_emulation", "OpsBuildError"]
 
 _lock = threading.Lock()
@@ -30,6 +31,7 @@ class Launch(NamedTuple):
     blocks: int
     threads: int      # per block
     bodies: int       # (block, thread) bodies that ran: blocks * threads when every thread ran
+    variant: str      # forward: index type and vector width (i32v4, i64v1, ...); backward: lanes per sample (g32)
 
 
 def load_emulation() -> None:
@@ -47,14 +49,18 @@ def _max_blocks(max_blocks: int | None) -> int:
 
 def emulated_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                      sampling_locations: torch.Tensor, attention_weights: torch.Tensor, *, shuffle_seed: int = 0,
-                     max_blocks: int | None = None) -> torch.Tensor:
+                     max_blocks: int | None = None, wide_index: bool = False,
+                     narrow_vectors: bool = False) -> torch.Tensor:
     """The CUDA forward kernel run on the CPU. ``shuffle_seed`` 0 runs the threads in
     order, any other value in a seeded random order; ``max_blocks`` lowers the
-    grid's block cap (default: the real one) so that grid-stride loops iterate."""
+    grid's block cap (default: the real one) so that grid-stride loops iterate;
+    ``wide_index`` / ``narrow_vectors`` force the 64-bit-index / one-channel-per-thread
+    variant that the driver otherwise picks only when it must."""
     load_emulation()
     check_tensor_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return torch.ops.detr_deform_emulation.forward(value, spatial_shapes, level_start_index, sampling_locations,
-                                                   attention_weights, shuffle_seed, _max_blocks(max_blocks))
+                                                   attention_weights, shuffle_seed, _max_blocks(max_blocks),
+                                                   wide_index, narrow_vectors)
 
 
 def emulated_backward(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -80,13 +86,19 @@ def launch_config(work: int, max_blocks: int | None = None) -> tuple[int, int]:
     return blocks, threads
 
 
+def backward_threads(samples: int, channels: int) -> int:
+    """Threads of the backward launch (whole warps, 32 / G samples each), as cuda_kernels.h computes them."""
+    load_emulation()
+    return int(torch.ops.detr_deform_emulation.backward_threads(samples, channels))
+
+
 def last_launches() -> list[Launch]:
     """The kernel launches of the last emulated forward/backward call, in order."""
     load_emulation()
     launches = []
     for line in torch.ops.detr_deform_emulation.last_launches().splitlines():
-        kernel, blocks, threads, bodies = line.split()
-        launches.append(Launch(kernel, int(blocks), int(threads), int(bodies)))
+        kernel, blocks, threads, bodies, variant = line.split()
+        launches.append(Launch(kernel, int(blocks), int(threads), int(bodies), variant))
     return launches
 
 

@@ -2,7 +2,8 @@
 
 Each check runs the CUDA kernels' own code (:mod:`detr_deform.ops.emulation`)
 and compares it with the pure-PyTorch reference, or with itself under other
-thread orders / launch configurations; it raises AssertionError with a message
+thread orders / launch configurations; it raises CheckFailed (an AssertionError, raised
+explicitly through ``require`` so that ``python -O`` cannot remove it) with a message
 on failure and returns a one-line note on success. ``CHECKS`` maps names to
 checks; tests/test_ms_deform_attn_emulated.py runs every one of them, and so
 does ``python tools/gpu_check.py`` (part "emulation").
@@ -26,6 +27,7 @@ import torch
 
 from detr_deform.ops import emulation
 from detr_deform.ops.reference import ms_deform_attn_pytorch
+from detr_deform.utils.require import require
 
 GRAD_NAMES = ("output", "grad_value", "grad_locations", "grad_weights")
 HALF_TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -89,30 +91,50 @@ Runner = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def emulated(inputs: tuple[torch.Tensor, ...], *, deterministic: bool = False, shuffle_seed: int = 0,
-             max_blocks: int | None = None, wide_keys: bool = False) -> tuple[torch.Tensor, ...]:
+             max_blocks: int | None = None, wide_keys: bool = False, wide_index: bool = False,
+             narrow_vectors: bool = False) -> tuple[torch.Tensor, ...]:
     """(output, grad_value, grad_locations, grad_weights) of the emulated CUDA kernels; also checks
     that every launch ran every (block, thread) of the configuration the driver computed."""
     value, shapes, starts, locations, weights, grad_output = inputs
     out = emulation.emulated_forward(value, shapes, starts, locations, weights, shuffle_seed=shuffle_seed,
-                                     max_blocks=max_blocks)
+                                     max_blocks=max_blocks, wide_index=wide_index, narrow_vectors=narrow_vectors)
     _check_launches(["forward"] if out.numel() else [], {"forward": out.numel()}, max_blocks)
     grads = emulation.emulated_backward(grad_output, value, shapes, starts, locations, weights,
                                         deterministic=deterministic, shuffle_seed=shuffle_seed,
                                         max_blocks=max_blocks, wide_keys=wide_keys)
     samples = weights.numel()
     expected = (["backward", "gather"] if deterministic else ["backward"]) if samples else []
-    _check_launches(expected, {"backward": samples}, max_blocks)
+    _check_launches(expected, {"backward": samples}, max_blocks, channels=value.shape[-1])
     return (out, *grads)
 
 
-def _check_launches(expected: list[str], work: dict[str, int], max_blocks: int | None) -> None:
+def lanes_per_sample(channels: int) -> int:
+    """Backward lanes per sample: D rounded up to a power of two, at most 32 (cuda_kernels.h)."""
+    return min(32, 1 << max(0, channels - 1).bit_length())
+
+
+def _check_launches(expected: list[str], work: dict[str, int], max_blocks: int | None, channels: int = 1) -> None:
+    """Every launch ran all its threads, with the configuration launch_config gives for its work: the
+    forward one thread per V channels (V from the launch's variant), the backward whole warps of
+    32 / G samples each."""
     launches = emulation.last_launches()
-    assert [launch.kernel for launch in launches] == expected, f"launched {launches}, expected {expected}"
+    require([launch.kernel for launch in launches] == expected, f"launched {launches}, expected {expected}")
     for launch in launches:
-        assert launch.bodies == launch.blocks * launch.threads, f"not every thread ran: {launch}"
-        if launch.kernel in work:
-            blocks, threads = emulation.launch_config(work[launch.kernel], max_blocks)
-            assert (launch.blocks, launch.threads) == (blocks, threads), f"{launch} != launch_config {blocks, threads}"
+        require(launch.bodies == launch.blocks * launch.threads, f"not every thread ran: {launch}")
+        if launch.kernel == "forward":
+            vector = int(launch.variant.split("v")[1])
+            threads = work["forward"] // vector
+        elif launch.kernel == "backward":
+            group = lanes_per_sample(channels)
+            require(launch.variant == f"g{group}", f"{launch}: expected {group} lanes per sample")
+            threads = 32 * -(-work["backward"] // (32 // group))
+            require(threads == emulation.backward_threads(work["backward"], channels),
+                    f"backward_threads disagrees: {threads}")
+        else:
+            continue
+        blocks, per_block = emulation.launch_config(threads, max_blocks)
+        require((launch.blocks, launch.threads) == (blocks, per_block),
+                f"{launch} != launch_config({threads}) = {blocks, per_block}")
 
 
 def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], dtype: torch.dtype,
@@ -122,7 +144,7 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
     worst = 0.0
     for name, a, b in zip(GRAD_NAMES, ours, ref):
         a, b = a.detach().cpu(), b.detach().cpu()  # either side may come from a GPU
-        assert a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}"
+        require(a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}")
         scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
         rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5 * scale)
         if dtype in HALF_TOLERANCE:
@@ -156,7 +178,9 @@ def check_grid_stride() -> str:
         # order of atomic adds may differ.
         same = GRAD_NAMES if deterministic else ("output", "grad_locations", "grad_weights")
         for name, a, b in zip(GRAD_NAMES, full, capped):
-            assert name not in same or torch.equal(a, b), f"deterministic={deterministic}: {name} changed with 3 blocks"
+            require(
+                name not in same or torch.equal(a, b),
+                f"deterministic={deterministic}: {name} changed with 3 blocks")
     iterations = -(-inputs[4].numel() // (3 * 256))
     return f"backward threads ran {iterations} grid-stride iterations; results unchanged"
 
@@ -173,13 +197,14 @@ def check_shuffled_thread_order() -> str:
         assert_close(ours, ref, torch.float32, f"deterministic={det} seed={seed}")
         for name, a, b in zip(GRAD_NAMES, ours, runs[(det, 0)]):
             if det or name != "grad_value":
-                assert torch.equal(a, b), f"deterministic={det} seed={seed}: {name} not bitwise equal to seed 0"
+                require(torch.equal(a, b), f"deterministic={det} seed={seed}: {name} not bitwise equal to seed 0")
     # The two backward paths directly: equal to fp32 rounding (not only each to the float64 reference).
     assert_close(runs[(True, 0)], tuple(t.double() for t in runs[(False, 0)]), torch.float32,
                  "deterministic vs atomic")
     atomic = [runs[(False, seed)][1] for seed in (0, 1, 2)]
-    assert not torch.equal(atomic[1], atomic[2]), \
-        "the atomic value gradient is bitwise equal for seeds 1 and 2: the shuffle had no effect"
+    require(
+        not torch.equal(atomic[1], atomic[2]),
+        "the atomic value gradient is bitwise equal for seeds 1 and 2: the shuffle had no effect")
     changed = int((atomic[1] != atomic[2]).sum())
     return (f"atomic grad_value: {changed} of {atomic[1].numel()} elements differ between seeds 1 and 2; "
             "deterministic: bitwise equal for seeds 0, 1, 2 and equal to the atomic path to fp32 rounding")
@@ -197,9 +222,9 @@ def check_global_deterministic_flag() -> str:
             grads = emulation.emulated_backward(grad_output, value, shapes, starts, locations, weights,
                                                 deterministic=False, shuffle_seed=seed)
             kernels = [launch.kernel for launch in emulation.last_launches()]
-            assert kernels == ["backward", "gather"], f"global deterministic mode launched {kernels}"
+            require(kernels == ["backward", "gather"], f"global deterministic mode launched {kernels}")
             for name, a, b in zip(GRAD_NAMES[1:], grads, explicit[1:]):
-                assert torch.equal(a, b), f"global deterministic mode, seed {seed}: {name} differs"
+                require(torch.equal(a, b), f"global deterministic mode, seed {seed}: {name} differs")
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     return "deterministic=False under the global mode ran the keyed + gather kernels, bitwise as deterministic=True"
@@ -211,7 +236,7 @@ def check_wide_keys() -> str:
     narrow = emulated(inputs, deterministic=True)
     wide = emulated(inputs, deterministic=True, wide_keys=True, shuffle_seed=3)
     for name, a, b in zip(GRAD_NAMES, narrow, wide):
-        assert torch.equal(a, b), f"wide keys: {name} differs"
+        require(torch.equal(a, b), f"wide keys: {name} differs")
     return "bitwise equal"
 
 
@@ -233,11 +258,11 @@ def check_half_accumulation(dtype: torch.dtype, run: Runner = emulated) -> str:
     for deterministic in (False, True):
         ours = tuple(t.cpu() for t in run(inputs, deterministic=deterministic))
         for name, a, b in zip(GRAD_NAMES, ours, exact):
-            assert a.dtype == dtype, f"{name} is {a.dtype}"
+            require(a.dtype == dtype, f"{name} is {a.dtype}")
             if name == "grad_locations":
                 continue
             excess = ((a.double() - b).abs() / _ulp(b, dtype)).max()
-            assert excess <= 1.0, f"deterministic={deterministic}: {name} is {float(excess):.1f} ulp from exact"
+            require(excess <= 1.0, f"deterministic={deterministic}: {name} is {float(excess):.1f} ulp from exact")
         single = run(tuple(t.float() if t.is_floating_point() else t for t in inputs), deterministic=deterministic)
         tol = HALF_TOLERANCE[dtype]
         scale = float(single[2].abs().max())
@@ -256,9 +281,13 @@ def check_empty_inputs(run: Runner = emulated) -> str:
         inputs = make_inputs(case, torch.float32)
         for deterministic in (False, True):
             out, grad_value, grad_locations, grad_weights = run(inputs, deterministic=deterministic)
-            assert out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape
-            assert grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0
-            assert grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape
+            require(out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape)
+            require(
+                grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0,
+                'check failed: grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0')
+            require(
+                grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape,
+                'check failed: grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape')
     return "Lq = 0 and N = 0 work"
 
 
@@ -267,12 +296,15 @@ def check_launch_config() -> str:
     cap = 65535 * 8
     for work, blocks in ((0, 1), (1, 1), (256, 1), (257, 2), (1110, 5), (cap * 256, cap), (cap * 256 + 1, cap),
                          (2**40, cap)):
-        assert emulation.launch_config(work) == (blocks, 256), (work, emulation.launch_config(work))
-    assert emulation.launch_config(10_000, max_blocks=3) == (3, 256)
+        require(emulation.launch_config(work) == (blocks, 256), (work, emulation.launch_config(work)))
+    require(
+        emulation.launch_config(10_000, max_blocks=3) == (3, 256),
+        'check failed: emulation.launch_config(10_000, max_blocks=3) == (3, 256)')
     return "as ms_deform_attn_cuda.cu launches"
 
 
-def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tensor] | None = None) -> str:
+def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tensor] | None = None,
+                        wide_keys: bool = True) -> str:
     """Flat offsets beyond 2^31 elements: value (2, S, 2, 2) with a 16500 x 16500 first level, so that
     batch 1's other levels start past element 2^31. The big tensors are mmap(MAP_NORESERVE) zeros:
     only the small levels hold data and are sampled (level 0's samples lie outside the map); the
@@ -281,7 +313,7 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     small = ((5, 7), (3, 4), (1, 1))
     big = 16500 * 16500
     num_value = big + sum(h * w for h, w in small)
-    assert (num_value + big) * heads * channels > 2**31, "the case no longer needs 64-bit offsets"
+    require((num_value + big) * heads * channels > 2**31, "the case no longer needs 64-bit offsets")
     g = torch.Generator().manual_seed(0)
     cropped = make_inputs(Case(small, heads=heads, channels=channels, queries=queries, points=points), torch.float32)
     value = (zeros or emulation.huge_zeros)((2, num_value, heads, channels), torch.float32)
@@ -292,17 +324,21 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     locations = torch.cat([outside, cropped[3]], 3)
     weights = torch.cat([torch.rand(2, queries, heads, 1, points, generator=g), cropped[4]], 3)
     ref = reference(cropped)
-    for deterministic, wide in ((False, False), (True, False), (True, True)):
+    # wide_keys=False: the device op, which cannot be forced to 64-bit keys (emulation-only case).
+    variants = ((False, False), (True, False)) + (((True, True),) if wide_keys else ())
+    for deterministic, wide in variants:
         out, grad_value, grad_locations, grad_weights = run(
             (value, shapes, starts, locations, weights, cropped[5]), deterministic=deterministic, wide_keys=wide)
         what = f"deterministic={deterministic} wide_keys={wide}"
         assert_close((out, grad_value[:, big:], grad_locations[:, :, :, 1:], grad_weights[:, :, :, 1:]), ref,
                      torch.float32, what)
-        assert torch.count_nonzero(grad_locations[:, :, :, 0]) == 0, f"{what}: level 0 location gradients"
-        assert torch.count_nonzero(grad_weights[:, :, :, 0]) == 0, f"{what}: level 0 weight gradients"
-        assert torch.count_nonzero(grad_value[:, big - 4096:big]) == 0, f"{what}: gradient before the small levels"
+        require(torch.count_nonzero(grad_locations[:, :, :, 0]) == 0, f"{what}: level 0 location gradients")
+        require(torch.count_nonzero(grad_weights[:, :, :, 0]) == 0, f"{what}: level 0 weight gradients")
+        require(torch.count_nonzero(grad_value[:, big - 4096:big]) == 0, f"{what}: gradient before the small levels")
         del grad_value
-    return f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped reference"
+    keys = "" if wide_keys else " (64-bit sort keys: emulation only)"
+    return (f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped "
+            f"reference{keys}")
 
 
 def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
@@ -322,7 +358,7 @@ def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
         try:
             forward(value, s, t, locations, weights)
         except RuntimeError as error:
-            assert "ms_deform_attn" in str(error), f"{what}: unexpected error {error}"
+            require("ms_deform_attn" in str(error), f"{what}: unexpected error {error}")
             return
         raise AssertionError(f"{what}: a wrong level layout was accepted")
 

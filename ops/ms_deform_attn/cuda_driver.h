@@ -4,9 +4,10 @@
 // ms_deform_attn_cuda.cu) or runs every thread of them on the CPU
 // (EmulatedLauncher in cuda_emulation.cpp). A Launcher provides
 //   int64_t max_blocks();
+//   bool wide_index(), narrow_vectors();   // force the forward's 64-bit / scalar variant (tests)
 //   at::Tensor zeros(sizes, options), empty(sizes, options);
-//   void forward(LaunchConfig, ForwardParams<scalar_t>);
-//   void backward(LaunchConfig, BackwardParams<scalar_t>, Scatter);   // Atomic- or KeyedScatter
+//   void forward(LaunchConfig, ForwardVariant<index_t, V>, ForwardParams<scalar_t, coord_t>);
+//   void backward(LaunchConfig, BackwardParams<scalar_t, coord_t>, Scatter);  // Atomic- or KeyedScatter
 //   void gather(LaunchConfig, GatherParams<scalar_t, key_t>);
 // The ATen calls (sort, unique_consecutive, cumsum) are the same on both: on
 // the GPU they run on CUDA tensors, in the emulation on CPU tensors.
@@ -14,6 +15,7 @@
 
 #include <torch/types.h>
 
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -30,29 +32,56 @@ inline bool use_deterministic(bool requested) {
   return requested || at::globalContext().deterministicAlgorithms();
 }
 
+inline bool aligned_16(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+}
+
+template <typename index_t, int V, typename scalar_t, typename coord_t, typename Launcher>
+void launch_forward(const ForwardParams<scalar_t, coord_t>& params, Launcher& launcher) {
+  const Dims& d = params.d;
+  const int64_t work = d.batch * d.num_query * d.num_heads * (d.channels / V);
+  launcher.forward(launch_config(work, launcher.max_blocks()), ForwardVariant<index_t, V>{}, params);
+}
+
+// The forward's variant: 32-bit index arithmetic when every flat index fits
+// (else 64-bit), 16-byte vector accesses when D and the pointers allow (else
+// one channel per thread).
+template <typename scalar_t, typename coord_t, typename Launcher>
+void dispatch_forward(const ForwardParams<scalar_t, coord_t>& params, Launcher& launcher) {
+  constexpr int kWide = kWideVector<scalar_t>;
+  const bool vectors = !launcher.narrow_vectors() && params.d.channels % kWide == 0 &&
+                       aligned_16(params.value) && aligned_16(params.output);
+  if (forward_fits_int32(params.d) && !launcher.wide_index()) {
+    vectors ? launch_forward<int32_t, kWide>(params, launcher)
+            : launch_forward<int32_t, 1>(params, launcher);
+  } else {
+    vectors ? launch_forward<int64_t, kWide>(params, launcher)
+            : launch_forward<int64_t, 1>(params, launcher);
+  }
+}
+
 template <typename Launcher>
 at::Tensor forward(const PreparedInputs& in, Launcher& launcher) {
   const Dims& d = in.dims;
   at::Tensor output =
       launcher.empty({d.batch, d.num_query, d.num_heads * d.channels}, in.value.options());
-  const int64_t work = output.numel();
-  if (work == 0) return output;
+  if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward", [&] {
-        const ForwardParams<scalar_t> params{in.value.data_ptr<scalar_t>(),
-                                             in.spatial_shapes.data_ptr<int64_t>(),
-                                             in.level_start_index.data_ptr<int64_t>(),
-                                             in.sampling_locations.data_ptr<scalar_t>(),
-                                             in.attention_weights.data_ptr<scalar_t>(),
-                                             output.data_ptr<scalar_t>(),
-                                             d};
-        launcher.forward(launch_config(work, launcher.max_blocks()), params);
+        const ForwardParams<scalar_t, scalar_t> params{in.value.data_ptr<scalar_t>(),
+                                                       in.spatial_shapes.data_ptr<int64_t>(),
+                                                       in.level_start_index.data_ptr<int64_t>(),
+                                                       in.sampling_locations.data_ptr<scalar_t>(),
+                                                       in.attention_weights.data_ptr<scalar_t>(),
+                                                       output.data_ptr<scalar_t>(),
+                                                       d};
+        dispatch_forward(params, launcher);
       });
   return output;
 }
 
 template <typename scalar_t>
-BackwardParams<scalar_t> backward_params(const PreparedInputs& in, const at::Tensor& grad_output,
+BackwardParams<scalar_t, scalar_t> backward_params(const PreparedInputs& in, const at::Tensor& grad_output,
                                          at::Tensor& grad_locations, at::Tensor& grad_weights) {
   return {grad_output.data_ptr<scalar_t>(),
           in.value.data_ptr<scalar_t>(),
@@ -66,15 +95,16 @@ BackwardParams<scalar_t> backward_params(const PreparedInputs& in, const at::Ten
 }
 
 // Atomic value gradient: into an opmath (float for fp16/bf16) buffer, cast once.
-template <typename scalar_t, typename AtomicAdd, typename Launcher>
-at::Tensor atomic_value_grad(const PreparedInputs& in, const BackwardParams<scalar_t>& params,
-                             Launcher& launcher) {
+template <typename scalar_t, typename coord_t, typename AtomicAdd, typename Launcher>
+at::Tensor atomic_value_grad(const PreparedInputs& in,
+                             const BackwardParams<scalar_t, coord_t>& params, Launcher& launcher) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_options = in.value.options().dtype(at::toOpMathType(in.value.scalar_type()));
   at::Tensor grad_value = launcher.zeros(in.value.sizes(), acc_options);
   const AtomicScatter<scalar_t, AtomicAdd> scatter{grad_value.template data_ptr<acc_t>()};
-  launcher.backward(launch_config(in.attention_weights.numel(), launcher.max_blocks()), params,
-                    scatter);
+  launcher.backward(launch_config(backward_threads(in.attention_weights.numel(), in.dims.channels),
+                                  launcher.max_blocks()),
+                    params, scatter);
   return grad_value.to(in.value.scalar_type());
 }
 
@@ -82,9 +112,9 @@ at::Tensor atomic_value_grad(const PreparedInputs& in, const BackwardParams<scal
 // coefficient) pairs per sample; (b) a stable sort of the keys; (c) run
 // lengths of equal keys; (d) one thread per (key, channel) sums its run in
 // sorted (= original entry) order and writes grad_value once. No atomics.
-template <typename scalar_t, typename key_t, typename Launcher>
+template <typename scalar_t, typename key_t, typename coord_t, typename Launcher>
 at::Tensor keyed_value_grad(const PreparedInputs& in, const at::Tensor& grad_output,
-                            const BackwardParams<scalar_t>& params, Launcher& launcher) {
+                            const BackwardParams<scalar_t, coord_t>& params, Launcher& launcher) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = in.dims;
   const int64_t samples = in.attention_weights.numel();
@@ -94,7 +124,8 @@ at::Tensor keyed_value_grad(const PreparedInputs& in, const at::Tensor& grad_out
   auto coefs = at::empty({4 * samples}, options.dtype(at::toOpMathType(in.value.scalar_type())));
   const KeyedScatter<scalar_t, key_t> scatter{
       keys.template data_ptr<key_t>(), coefs.template data_ptr<acc_t>(), d.num_heads, sentinel};
-  launcher.backward(launch_config(samples, launcher.max_blocks()), params, scatter);
+  launcher.backward(launch_config(backward_threads(samples, d.channels), launcher.max_blocks()),
+                    params, scatter);
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto runs =
       at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false, /*return_counts=*/true);
@@ -142,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const PreparedInputs& in
         const auto params =
             backward_params<scalar_t>(in, grad_output, grad_locations, grad_weights);
         if (!deterministic) {
-          grad_value = atomic_value_grad<scalar_t, AtomicAdd>(in, params, launcher);
+          grad_value = atomic_value_grad<scalar_t, scalar_t, AtomicAdd>(in, params, launcher);
         } else if (wide) {
           grad_value = keyed_value_grad<scalar_t, int64_t>(in, grad_output, params, launcher);
         } else {

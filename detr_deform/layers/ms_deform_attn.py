@@ -107,6 +107,10 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(
             batch, num_query, self.n_heads, self.n_levels, self.n_points
         )
+        # Sampling locations in the reference points' precision (float32 under autocast, where the
+        # Linear gives bf16/fp16 offsets): a bf16 location is ~0.4 px off on a 100-px map. Without
+        # autocast both are float32 already and nothing changes.
+        sampling_offsets = sampling_offsets.to(reference_points.dtype)
         if reference_points.shape[-1] == 2:
             # Offsets are (x, y) in pixels of their level, hence the (W, H) normaliser.
             # Cast explicitly (same values): the ONNX exporter would otherwise promote to float64.
@@ -131,8 +135,11 @@ class MSDeformAttn(nn.Module):
             self.last_attention_weights = attention_weights.detach()
             self.last_reference_points = reference_points.detach()
             self.last_spatial_shapes = input_spatial_shapes.detach()
+        # Under autocast value is fp16/bf16 (from value_proj) and the locations float32: the op takes
+        # that mix as it is (its half-precision kernels, float32 accumulation). Otherwise one dtype.
+        mixed = value.dtype in (torch.float16, torch.bfloat16) and sampling_locations.dtype == torch.float32
         output = ms_deform_attn(
-            value.to(sampling_locations.dtype) if value.dtype != sampling_locations.dtype else value,
+            value.to(sampling_locations.dtype) if value.dtype != sampling_locations.dtype and not mixed else value,
             input_spatial_shapes,
             input_level_start_index,
             sampling_locations,

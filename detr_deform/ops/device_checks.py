@@ -200,6 +200,8 @@ def device_checks(device: torch.device, tiny: bool = False) -> dict[str, Callabl
     for dtype in (torch.float16, torch.bfloat16):
         checks[f"half_accumulation/{str(dtype)[6:]}"] = functools.partial(kernel_checks.check_half_accumulation,
                                                                           dtype, run)
+        checks[f"mixed_precision/{str(dtype)[6:]}"] = functools.partial(kernel_checks.check_mixed_precision,
+                                                                        dtype, run)
     checks["non_contiguous"] = functools.partial(check_non_contiguous, device)
     checks["layout_errors"] = functools.partial(
         kernel_checks.check_layout_memory,

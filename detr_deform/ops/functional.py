@@ -58,6 +58,9 @@ def ms_deform_attn(
         sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y) in [0, 1]; pixel
             centres at (i + 0.5) / W (``align_corners=False``); zero outside.
         attention_weights: (N, Lq, M, L, P).
+        value may be float16 / bfloat16 with sampling_locations and attention_weights in
+        float32 (mixed precision, as under autocast): accumulation is in float32, the
+        output is in value's dtype, and each gradient in its input's dtype.
         impl: "cpp" (compiled kernels), "pytorch" (grid_sample reference) or
             "auto" (compiled when available; else, on the CPU, the reference with a
             warning, and on a GPU an OpsBuildError: a silent 10x slowdown there would
@@ -85,6 +88,9 @@ def ms_deform_attn(
         if not compiling:
             check_level_layout(value, spatial_shapes, level_start_index)
             announce_implementation("pytorch", value.device)
+        if value.dtype != sampling_locations.dtype:  # mixed precision: grid_sample needs one dtype
+            return ms_deform_attn_pytorch(value.to(sampling_locations.dtype), spatial_shapes, sampling_locations,
+                                          attention_weights).to(value.dtype)
         return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
     if not compiling:
         load_compiled_op()

@@ -166,6 +166,43 @@ def check_against_reference(case_name: str, dtype: torch.dtype, run: Runner = em
     return f"max error {worst:.1e} of the largest magnitude"
 
 
+def check_forward_variants() -> str:
+    """The forward's four variants (32/64-bit indices x one channel / 16 bytes per thread) each match
+    the reference on every case, and the driver picks 32-bit with vectors when D allows (else 1)."""
+    picked = []
+    for case_name, case in CASES.items():
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            inputs = make_inputs(case, dtype)
+            ref = reference(inputs)[0]
+            for wide_index in (False, True):
+                for narrow in (False, True):
+                    out = emulation.emulated_forward(*inputs[:5], wide_index=wide_index, narrow_vectors=narrow,
+                                                     shuffle_seed=5)
+                    variant = emulation.last_launches()[0].variant
+                    vector = 16 // torch.empty((), dtype=dtype).element_size()
+                    expected = ("i64" if wide_index else "i32") + (
+                        "v1" if narrow or case.channels % vector else f"v{vector}")
+                    require(variant == expected, f"{case_name} {dtype}: launched {variant}, expected {expected}")
+                    assert_close((out,), (ref,), dtype, f"{case_name} {variant}")
+            picked.append(f"{case_name}/{str(dtype)[6:]}: {expected.replace('i64', 'i32')}")
+    return f"all four variants match the reference; {len(picked)} case/dtype pairs"
+
+
+def check_channel_counts() -> str:
+    """Backward lanes per sample follow D (8, 16, 32 lanes; 64 channels: 32 lanes, 2 channels each),
+    against the reference with shuffled warp and lane orders, points outside the map included."""
+    notes = []
+    for channels in (8, 16, 32, 64):
+        case = replace(CASES["odd_multi_level"], channels=channels, heads=2, queries=23)
+        inputs = make_inputs(case, torch.float32)
+        ref = reference(inputs)
+        for deterministic in (False, True):
+            ours = emulated(inputs, deterministic=deterministic, shuffle_seed=7)
+            assert_close(ours, ref, torch.float32, f"D={channels} deterministic={deterministic}")
+        notes.append(f"D={channels}: {lanes_per_sample(channels)} lanes")
+    return "; ".join(notes)
+
+
 def check_grid_stride() -> str:
     """With the block cap lowered to 3 blocks every kernel's grid-stride loop iterates: same results."""
     inputs = make_inputs(CASES["odd_multi_level"], torch.float32)
@@ -275,6 +312,29 @@ def check_half_accumulation(dtype: torch.dtype, run: Runner = emulated) -> str:
     return "output, grad_value, grad_weights within 1 ulp of exact; all four within tolerance of float32"
 
 
+def check_mixed_precision(dtype: torch.dtype, run: Runner = emulated) -> str:
+    """A float16 / bfloat16 value with float32 locations and weights (what autocast gives the layer):
+    output and grad_value in value's dtype, grad_locations and grad_weights in float32; all four equal
+    to the float32 kernels run on the same (already rounded) value and grad_output, to the half type's
+    rounding for the first two (HALF_TOLERANCE) and to float32 rounding for the location and weight
+    gradients (their only half-precision inputs, value and grad_output, are exact in float32)."""
+    base = make_inputs(CASES["encoder_like"], torch.float32)
+    value, grad_output = base[0].to(dtype), base[5].to(dtype)
+    mixed = (value, *base[1:5], grad_output)
+    as_float = (value.float(), *base[1:5], grad_output.float())
+    for deterministic in (False, True):
+        ours = tuple(t.cpu() for t in run(mixed, deterministic=deterministic))
+        single = tuple(t.cpu() for t in run(as_float, deterministic=deterministic))
+        for name, a, want in zip(GRAD_NAMES, ours, (dtype, dtype, torch.float32, torch.float32)):
+            require(a.dtype == want, f"deterministic={deterministic}: {name} is {a.dtype}, expected {want}")
+        assert_close(ours[:2], tuple(t.to(dtype).double() for t in single[:2]), dtype,
+                     f"mixed {dtype} deterministic={deterministic}")
+        for name, a, b in zip(GRAD_NAMES[2:], ours[2:], single[2:]):
+            scale = max(float(b.abs().max()), 1e-30)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+    return f"{str(dtype)[6:]} value + float32 locations: dtypes as specified, equal to the float32 kernels"
+
+
 def check_empty_inputs(run: Runner = emulated) -> str:
     """No queries, or batch 0: correctly shaped (zero) results (and, emulated, no kernel launch)."""
     for case in (replace(CASES["odd_multi_level"], queries=0), replace(CASES["odd_multi_level"], batch=0)):
@@ -324,6 +384,10 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     locations = torch.cat([outside, cropped[3]], 3)
     weights = torch.cat([torch.rand(2, queries, heads, 1, points, generator=g), cropped[4]], 3)
     ref = reference(cropped)
+    if run is emulated:  # the forward must have fallen back to 64-bit indices
+        emulation.emulated_forward(value, shapes, starts, locations, weights)
+        variant = emulation.last_launches()[0].variant
+        require(variant.startswith("i64"), f"value of {value.numel()} elements ran the {variant} forward")
     # wide_keys=False: the device op, which cannot be forced to 64-bit keys (emulation-only case).
     variants = ((False, False), (True, False)) + (((True, True),) if wide_keys else ())
     for deterministic, wide in variants:
@@ -400,12 +464,16 @@ def _checks() -> dict[str, Callable[[], str]]:
         for dtype in (torch.float64, torch.float32):
             checks[f"reference/{case}/{str(dtype)[6:]}"] = (lambda c=case, d=dtype: check_against_reference(c, d))
     checks.update({
+        "forward_variants": check_forward_variants,
+        "channel_counts": check_channel_counts,
         "grid_stride": check_grid_stride,
         "shuffled_thread_order": check_shuffled_thread_order,
         "global_deterministic_flag": check_global_deterministic_flag,
         "wide_keys": check_wide_keys,
         "half_accumulation/float16": lambda: check_half_accumulation(torch.float16),
         "half_accumulation/bfloat16": lambda: check_half_accumulation(torch.bfloat16),
+        "mixed_precision/float16": lambda: check_mixed_precision(torch.float16),
+        "mixed_precision/bfloat16": lambda: check_mixed_precision(torch.bfloat16),
         "empty_inputs": check_empty_inputs,
         "layout_memory": check_layout_memory,
         "large_offsets": check_large_offsets,

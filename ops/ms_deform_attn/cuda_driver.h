@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "cuda_kernels.h"
 #include "ms_deform_attn.h"
@@ -60,6 +61,20 @@ void dispatch_forward(const ForwardParams<scalar_t, coord_t>& params, Launcher& 
   }
 }
 
+// Calls fn(coord_t{}) with the dtype of the locations and weights: value's own,
+// or float for mixed precision (fp16 / bf16 value, float32 locations and
+// weights; prepare_inputs allowed nothing else).
+template <typename scalar_t, typename Fn>
+void with_coord_type(const PreparedInputs& in, const Fn& fn) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (in.sampling_locations.scalar_type() == at::kFloat) {
+      fn(float{});
+      return;
+    }
+  }
+  fn(scalar_t{});
+}
+
 template <typename Launcher>
 at::Tensor forward(const PreparedInputs& in, Launcher& launcher) {
   const Dims& d = in.dims;
@@ -68,29 +83,34 @@ at::Tensor forward(const PreparedInputs& in, Launcher& launcher) {
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward", [&] {
-        const ForwardParams<scalar_t, scalar_t> params{in.value.data_ptr<scalar_t>(),
-                                                       in.spatial_shapes.data_ptr<int64_t>(),
-                                                       in.level_start_index.data_ptr<int64_t>(),
-                                                       in.sampling_locations.data_ptr<scalar_t>(),
-                                                       in.attention_weights.data_ptr<scalar_t>(),
-                                                       output.data_ptr<scalar_t>(),
-                                                       d};
-        dispatch_forward(params, launcher);
+        with_coord_type<scalar_t>(in, [&](auto coord) {
+          using coord_t = decltype(coord);
+          const ForwardParams<scalar_t, coord_t> params{in.value.data_ptr<scalar_t>(),
+                                                        in.spatial_shapes.data_ptr<int64_t>(),
+                                                        in.level_start_index.data_ptr<int64_t>(),
+                                                        in.sampling_locations.data_ptr<coord_t>(),
+                                                        in.attention_weights.data_ptr<coord_t>(),
+                                                        output.data_ptr<scalar_t>(),
+                                                        d};
+          dispatch_forward(params, launcher);
+        });
       });
   return output;
 }
 
-template <typename scalar_t>
-BackwardParams<scalar_t, scalar_t> backward_params(const PreparedInputs& in, const at::Tensor& grad_output,
-                                         at::Tensor& grad_locations, at::Tensor& grad_weights) {
+template <typename scalar_t, typename coord_t>
+BackwardParams<scalar_t, coord_t> backward_params(const PreparedInputs& in,
+                                                  const at::Tensor& grad_output,
+                                                  at::Tensor& grad_locations,
+                                                  at::Tensor& grad_weights) {
   return {grad_output.data_ptr<scalar_t>(),
           in.value.data_ptr<scalar_t>(),
           in.spatial_shapes.data_ptr<int64_t>(),
           in.level_start_index.data_ptr<int64_t>(),
-          in.sampling_locations.data_ptr<scalar_t>(),
-          in.attention_weights.data_ptr<scalar_t>(),
-          grad_locations.data_ptr<scalar_t>(),
-          grad_weights.data_ptr<scalar_t>(),
+          in.sampling_locations.data_ptr<coord_t>(),
+          in.attention_weights.data_ptr<coord_t>(),
+          grad_locations.data_ptr<coord_t>(),
+          grad_weights.data_ptr<coord_t>(),
           in.dims};
 }
 
@@ -170,15 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const PreparedInputs& in
   at::Tensor grad_value;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward", [&] {
-        const auto params =
-            backward_params<scalar_t>(in, grad_output, grad_locations, grad_weights);
-        if (!deterministic) {
-          grad_value = atomic_value_grad<scalar_t, scalar_t, AtomicAdd>(in, params, launcher);
-        } else if (wide) {
-          grad_value = keyed_value_grad<scalar_t, int64_t>(in, grad_output, params, launcher);
-        } else {
-          grad_value = keyed_value_grad<scalar_t, int32_t>(in, grad_output, params, launcher);
-        }
+        with_coord_type<scalar_t>(in, [&](auto coord) {
+          using coord_t = decltype(coord);
+          const auto params =
+              backward_params<scalar_t, coord_t>(in, grad_output, grad_locations, grad_weights);
+          if (!deterministic) {
+            grad_value = atomic_value_grad<scalar_t, coord_t, AtomicAdd>(in, params, launcher);
+          } else if (wide) {
+            grad_value = keyed_value_grad<scalar_t, int64_t>(in, grad_output, params, launcher);
+          } else {
+            grad_value = keyed_value_grad<scalar_t, int32_t>(in, grad_output, params, launcher);
+          }
+        });
       });
   return {grad_value, grad_locations, grad_weights};
 }

@@ -19,7 +19,7 @@ import torch
 from detr_deform.ops._build import OpsBuildError, build_and_load_emulation
 from detr_deform.ops._checks import check_tensor_arguments
 
-__all__ = ["Launch", "backward_threads", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
+__all__ = ["Launch", "backward_threads", "sort_chunk_entries", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
            "load_emulation", "OpsBuildError"]
 
 _lock = threading.Lock()
@@ -71,7 +71,8 @@ def emulated_backward(grad_output: torch.Tensor, value: torch.Tensor, spatial_sh
     """The CUDA backward (atomic, or deterministic: keyed samples, sort, gather)
     run on the CPU; returns (grad_value, grad_locations, grad_weights). Like the
     CUDA entry point, it is deterministic also when torch's global deterministic
-    mode is on. ``wide_keys`` forces the 64-bit sort keys of very large inputs."""
+    mode is on. ``wide_keys`` shrinks the deterministic backward's sort chunks from 2^22 to 62 entries,
+    so that small inputs take the path of inputs with more entries than one sort takes."""
     load_emulation()
     check_tensor_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return torch.ops.detr_deform_emulation.backward(grad_output, value, spatial_shapes, level_start_index,
@@ -84,6 +85,12 @@ def launch_config(work: int, max_blocks: int | None = None) -> tuple[int, int]:
     load_emulation()
     blocks, threads = torch.ops.detr_deform_emulation.launch_config(work, _max_blocks(max_blocks))
     return blocks, threads
+
+
+def sort_chunk_entries(wide_keys: bool = False) -> int:
+    """Entries per sort of the deterministic backward (2^22; with ``wide_keys``: the emulation's 62)."""
+    load_emulation()
+    return int(torch.ops.detr_deform_emulation.sort_chunk_entries(wide_keys))
 
 
 def backward_threads(samples: int, channels: int) -> int:

@@ -8,9 +8,11 @@
 //   at::Tensor zeros(sizes, options), empty(sizes, options);
 //   void forward(LaunchConfig, ForwardVariant<index_t, V>, ForwardParams<scalar_t, coord_t>);
 //   void backward(LaunchConfig, BackwardParams<scalar_t, coord_t>, Scatter);  // Atomic- or KeyedScatter
-//   void gather(LaunchConfig, GatherParams<scalar_t, key_t>);
-// The ATen calls (sort, unique_consecutive, cumsum) are the same on both: on
-// the GPU they run on CUDA tensors, in the emulation on CPU tensors.
+//   void gather(LaunchConfig, GatherParams<scalar_t>);
+//   int64_t sort_chunk_entries();            // entries per sort (kSortChunkEntries; tests: fewer)
+//   void sort_keys(packed, sorted, n, end_bit);  // ascending, bits [0, end_bit) of int64 keys
+// The sort is cub's radix sort of the keys' bits on the GPU and at::sort on
+// the CPU (the order of distinct int64 values is the same).
 #pragma once
 
 #include <torch/types.h>
@@ -111,7 +113,9 @@ BackwardParams<scalar_t, coord_t> backward_params(const PreparedInputs& in,
           in.attention_weights.data_ptr<coord_t>(),
           grad_locations.data_ptr<coord_t>(),
           grad_weights.data_ptr<coord_t>(),
-          in.dims};
+          in.dims,
+          0,
+          in.attention_weights.numel()};
 }
 
 // Atomic value gradient: into an opmath (float for fp16/bf16) buffer, cast once.
@@ -128,56 +132,77 @@ at::Tensor atomic_value_grad(const PreparedInputs& in,
   return grad_value.to(in.value.scalar_type());
 }
 
-// Deterministic value gradient: (a) the per-sample kernel records 4 (key,
-// coefficient) pairs per sample; (b) a stable sort of the keys; (c) run
-// lengths of equal keys; (d) one thread per (key, channel) sums its run in
-// sorted (= original entry) order and writes grad_value once. No atomics.
-template <typename scalar_t, typename key_t, typename coord_t, typename Launcher>
+// Entries (4 per sample) per sort of the deterministic backward: 2^22, i.e.
+// 32 MiB of packed keys, 32 MiB sorted, 16 MiB of coefficients and cub's
+// double buffer (~32 MiB) -- whatever the batch (docs/operator.md).
+constexpr int64_t kSortChunkEntries = int64_t(1) << 22;
+
+// Bits needed for the values 0..max_value.
+inline int bits_for(int64_t max_value) {
+  int bits = 1;
+  while (bits < 63 && (max_value >> bits) != 0) ++bits;
+  return bits;
+}
+
+// Deterministic value gradient, chunk by chunk of at most sort_chunk_entries()
+// entries: (a) the per-sample kernel, launched for the chunk's samples, writes
+// their location and weight gradients and records 4 packed (key, entry) values
+// and coefficients per sample; (b) a sort of the packed values on key_bits +
+// index_bits bits; (c) one thread per (entry, channel) sums each run in entry
+// order and adds it to an opmath buffer (zero-initialised; cast once at the
+// end). No atomics, no device-to-host synchronisation, and no single sort
+// larger than a chunk, so no limit from the sort's int32 sizes.
+template <typename scalar_t, typename coord_t, typename Launcher>
 at::Tensor keyed_value_grad(const PreparedInputs& in, const at::Tensor& grad_output,
                             const BackwardParams<scalar_t, coord_t>& params, Launcher& launcher) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = in.dims;
   const int64_t samples = in.attention_weights.numel();
   const int64_t sentinel = d.batch * d.num_value * d.num_heads;
+  const int64_t chunk_samples =
+      std::max<int64_t>(1, std::min(samples, launcher.sort_chunk_entries() / 4));
+  const int index_bits = bits_for(4 * chunk_samples - 1);
+  const int key_bits = bits_for(sentinel);
+  TORCH_CHECK(key_bits + index_bits <= 63, "ms_deform_attn backward: N*S*M = ", sentinel,
+              " value rows are too many for the deterministic backward's 63-bit sort keys");
   const auto options = in.value.options();
-  auto keys = at::empty({4 * samples}, options.dtype(c10::CppTypeToScalarType<key_t>::value));
-  auto coefs = at::empty({4 * samples}, options.dtype(at::toOpMathType(in.value.scalar_type())));
-  const KeyedScatter<scalar_t, key_t> scatter{
-      keys.template data_ptr<key_t>(), coefs.template data_ptr<acc_t>(), d.num_heads, sentinel};
-  launcher.backward(launch_config(backward_threads(samples, d.channels), launcher.max_blocks()),
-                    params, scatter);
-  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const auto runs =
-      at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false, /*return_counts=*/true);
-  const at::Tensor& unique_keys = std::get<0>(runs);
-  const at::Tensor& counts = std::get<2>(runs);
-  const auto ends = counts.cumsum(0);
-  at::Tensor grad_value = launcher.zeros(in.value.sizes(), options);
-  const int64_t work = unique_keys.numel() * d.channels;
-  if (work == 0) return grad_value;
-  const GatherParams<scalar_t, key_t> gather{unique_keys.template data_ptr<key_t>(),
-                                             ends.template data_ptr<int64_t>(),
-                                             counts.template data_ptr<int64_t>(),
-                                             std::get<1>(sorted).template data_ptr<int64_t>(),
-                                             coefs.template data_ptr<acc_t>(),
-                                             grad_output.template data_ptr<scalar_t>(),
-                                             grad_value.template data_ptr<scalar_t>(),
-                                             unique_keys.numel(),
-                                             d.channels,
-                                             d.num_levels * d.num_points,
-                                             sentinel};
-  launcher.gather(launch_config(work, launcher.max_blocks()), gather);
-  return grad_value;
+  const auto acc_options = options.dtype(at::toOpMathType(in.value.scalar_type()));
+  at::Tensor grad_value = launcher.zeros(in.value.sizes(), acc_options);
+  at::Tensor packed = at::empty({4 * chunk_samples}, options.dtype(at::kLong));
+  at::Tensor sorted = at::empty({4 * chunk_samples}, options.dtype(at::kLong));
+  at::Tensor coefs = at::empty({4 * chunk_samples}, acc_options);
+  for (int64_t first = 0; first < samples; first += chunk_samples) {
+    const int64_t count = std::min(chunk_samples, samples - first);
+    const KeyedScatter<scalar_t> scatter{packed.data_ptr<int64_t>(), coefs.data_ptr<acc_t>(),
+                                         d.num_heads,                sentinel,
+                                         first,                      index_bits};
+    BackwardParams<scalar_t, coord_t> chunk = params;
+    chunk.first_sample = first;
+    chunk.sample_count = count;
+    launcher.backward(launch_config(backward_threads(count, d.channels), launcher.max_blocks()),
+                      chunk, scatter);
+    launcher.sort_keys(packed, sorted, 4 * count, key_bits + index_bits);
+    const GatherParams<scalar_t> gather{sorted.data_ptr<int64_t>(),
+                                        coefs.data_ptr<acc_t>(),
+                                        grad_output.data_ptr<scalar_t>(),
+                                        grad_value.data_ptr<acc_t>(),
+                                        4 * count,
+                                        index_bits,
+                                        first,
+                                        d.channels,
+                                        d.num_levels * d.num_points,
+                                        sentinel};
+    launcher.gather(launch_config(4 * count * d.channels, launcher.max_blocks()), gather);
+  }
+  return grad_value.to(in.value.scalar_type());
 }
 
-// 32-bit keys halve the sort's work; 64-bit ones are used when N*S*M rows (and
-// the sentinel) do not fit, or when the emulation tests ask for them.
+// `deterministic` selects the keyed backward (else atomics); the emulation's
+// tests shrink its sort chunks through the Launcher (sort_chunk_entries).
 template <typename AtomicAdd, typename Launcher>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const PreparedInputs& in,
                                                         const at::Tensor& grad_output,
-                                                        bool deterministic, bool wide_keys,
-                                                        Launcher& launcher) {
-  const Dims& d = in.dims;
+                                                        bool deterministic, Launcher& launcher) {
   at::Tensor grad_locations =
       launcher.empty(in.sampling_locations.sizes(), in.sampling_locations.options());
   at::Tensor grad_weights =
@@ -185,8 +210,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const PreparedInputs& in
   if (in.attention_weights.numel() == 0) {  // no samples (N = 0 or Lq = 0): nothing to launch
     return {launcher.zeros(in.value.sizes(), in.value.options()), grad_locations, grad_weights};
   }
-  const bool wide =
-      wide_keys || d.batch * d.num_value * d.num_heads >= std::numeric_limits<int32_t>::max();
   at::Tensor grad_value;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward", [&] {
@@ -194,13 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const PreparedInputs& in
           using coord_t = decltype(coord);
           const auto params =
               backward_params<scalar_t, coord_t>(in, grad_output, grad_locations, grad_weights);
-          if (!deterministic) {
-            grad_value = atomic_value_grad<scalar_t, coord_t, AtomicAdd>(in, params, launcher);
-          } else if (wide) {
-            grad_value = keyed_value_grad<scalar_t, int64_t>(in, grad_output, params, launcher);
-          } else {
-            grad_value = keyed_value_grad<scalar_t, int32_t>(in, grad_output, params, launcher);
-          }
+          grad_value = deterministic
+                           ? keyed_value_grad<scalar_t>(in, grad_output, params, launcher)
+                           : atomic_value_grad<scalar_t, coord_t, AtomicAdd>(in, params, launcher);
         });
       });
   return {grad_value, grad_locations, grad_weights};

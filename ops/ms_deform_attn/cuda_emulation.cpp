@@ -47,6 +47,7 @@ namespace {
 using namespace cuda_kernels;
 
 constexpr int64_t kMmapThresholdBytes = int64_t(256) << 20;
+constexpr int64_t kTestChunkEntries = 62;  // 15 samples per chunk (60 entries): many chunks, uneven last
 
 struct HostAtomicAdd {
   template <typename T>
@@ -166,10 +167,21 @@ struct EmulatedLauncher {
   int64_t block_cap;
   bool force_wide_index = false;
   bool force_narrow_vectors = false;
+  int64_t chunk_entries = kSortChunkEntries;
 
   int64_t max_blocks() const { return block_cap; }
   bool wide_index() const { return force_wide_index; }
   bool narrow_vectors() const { return force_narrow_vectors; }
+  int64_t sort_chunk_entries() const { return chunk_entries; }
+  // The order of distinct int64 values is the same whichever sort: at::sort here.
+  void sort_keys(const at::Tensor& packed, at::Tensor& sorted, int64_t n, int end_bit) {
+    TORCH_CHECK(end_bit >= 1 && end_bit <= 63, "emulation: sort on ", end_bit, " bits");
+    const auto keys = packed.narrow(0, 0, n);
+    TORCH_CHECK(keys.ge(0).all().item<bool>() && keys.lt(int64_t(1) << end_bit).all().item<bool>(),
+                "emulation: keys outside [0, 2^", end_bit,
+                ") would be mis-sorted by the GPU's radix sort on ", end_bit, " bits");
+    sorted.narrow(0, 0, n).copy_(std::get<0>(at::sort(keys)));
+  }
   at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
     if (c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize()) >=
         kMmapThresholdBytes) {
@@ -207,8 +219,8 @@ struct EmulatedLauncher {
         },
         "g" + std::to_string(lanes_per_sample(p.d.channels)));
   }
-  template <typename scalar_t, typename key_t>
-  void gather(const LaunchConfig& c, const GatherParams<scalar_t, key_t>& g) {
+  template <typename scalar_t>
+  void gather(const LaunchConfig& c, const GatherParams<scalar_t>& g) {
     run_grid("gather", c, seed, [&](int64_t block, int64_t thread) {
       gather_thread(block, thread, c.threads, c.blocks, g);
     });
@@ -249,14 +261,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                            LayoutMemory::kAlways);  // as the CUDA path does
   const auto grad = prepare_grad_output(grad_output, in);
   EmulatedLauncher launcher = make_launcher(shuffle_seed, max_blocks);
+  // wide_keys: sort chunks of kTestChunkEntries entries, so that small inputs take the path of
+  // inputs with more entries than one sort takes (many chunks, grad_value accumulated over them).
+  if (wide_keys) launcher.chunk_entries = kTestChunkEntries;
   // Same selection as the CUDA entry point, global deterministic flag included.
   return cuda_kernels::backward<HostAtomicAdd>(in, grad, use_deterministic(deterministic),
-                                               wide_keys, launcher);
+                                               launcher);
 }
 
 std::vector<int64_t> launch_config_op(int64_t work, int64_t max_blocks) {
   const LaunchConfig config = launch_config(work, max_blocks == 0 ? kMaxBlocks : max_blocks);
   return {config.blocks, config.threads};
+}
+
+int64_t sort_chunk_entries_op(bool wide_keys) {
+  return wide_keys ? kTestChunkEntries : kSortChunkEntries;
 }
 
 int64_t backward_threads_op(int64_t samples, int64_t channels) {
@@ -294,6 +313,8 @@ TORCH_LIBRARY(detr_deform_emulation, m) {
       "int max_blocks=0, bool wide_keys=False) -> (Tensor, Tensor, Tensor)");
   m.def("launch_config(int work, int max_blocks=0) -> int[]",
         &detr_deform::emulation::launch_config_op);
+  m.def("sort_chunk_entries(bool wide_keys=False) -> int",
+        &detr_deform::emulation::sort_chunk_entries_op);
   m.def("backward_threads(int samples, int channels) -> int",
         &detr_deform::emulation::backward_threads_op);
   m.def("last_launches() -> str", &detr_deform::emulation::last_launches);

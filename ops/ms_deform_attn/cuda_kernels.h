@@ -205,6 +205,8 @@ struct BackwardParams {
   coord_t* grad_locations;
   coord_t* grad_weights;
   Dims d;
+  int64_t first_sample;  // this launch covers samples [first_sample, first_sample + sample_count)
+  int64_t sample_count;
 };
 
 // Value-gradient policy of the atomic backward: every channel of every tap is
@@ -234,30 +236,36 @@ struct AtomicScatter {
 // written here. For each of its 4 taps, the sample (lane 0 of its group)
 // records the value row it feeds, key = (n * S + pixel) * M + m (a row of value
 // viewed as (N*S*M, D); `sentinel` = N*S*M for a tap outside the map), and the
-// coefficient attention_weight * tap_weight. Sorting the keys then lets one
-// thread per (row, channel) sum its contributions in a fixed order
-// (gather_thread).
-template <typename scalar_t, typename key_t>
+// coefficient attention_weight * tap_weight. The launch covers one chunk of
+// samples starting at `first`; entry e = 4 * (s - first) + tap is packed with
+// its key as (key << index_bits) | e, so that one sort of the packed values
+// (keys only, key_bits + index_bits bits) orders the entries by row and, within
+// a row, by entry: the stable order, without a separate permutation array.
+template <typename scalar_t>
 struct KeyedScatter {
   using acc_t = at::opmath_type<scalar_t>;
-  key_t* keys;   // 4 per sample
-  acc_t* coefs;  // 4 per sample
+  int64_t* packed;  // 4 per sample of the chunk
+  acc_t* coefs;     // 4 per sample of the chunk
   int64_t num_heads;
   int64_t sentinel;
+  int64_t first;
+  int index_bits;
 
   DD_HOST_DEVICE void outside(int64_t s) const {
     for (int i = 0; i < 4; ++i) {
-      keys[4 * s + i] = static_cast<key_t>(sentinel);
-      coefs[4 * s + i] = acc_t(0);
+      const int64_t e = 4 * (s - first) + i;
+      packed[e] = (sentinel << index_bits) | e;
+      coefs[e] = acc_t(0);
     }
   }
   DD_HOST_DEVICE void sample(int64_t s, int64_t level_pos, int64_t m,
                              const BilinearTaps<acc_t>& taps, acc_t weight) const {
     for (int i = 0; i < 4; ++i) {
+      const int64_t e = 4 * (s - first) + i;
       const bool ok = taps.offset[i] >= 0;
-      keys[4 * s + i] =
-          static_cast<key_t>(ok ? (level_pos + taps.offset[i]) * num_heads + m : sentinel);
-      coefs[4 * s + i] = ok ? weight * taps.weight[i] : acc_t(0);
+      const int64_t key = ok ? (level_pos + taps.offset[i]) * num_heads + m : sentinel;
+      packed[e] = (key << index_bits) | e;
+      coefs[e] = ok ? weight * taps.weight[i] : acc_t(0);
     }
   }
   DD_HOST_DEVICE void channel(int64_t, int64_t, const BilinearTaps<acc_t>&, acc_t, int64_t) const {}
@@ -281,7 +289,7 @@ DD_HOST_DEVICE LanePartials<at::opmath_type<scalar_t>> backward_lane(
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = p.d;
   LanePartials<acc_t> part;
-  if (s >= d.batch * d.num_query * d.num_heads * d.num_levels * d.num_points) return part;
+  if (s >= p.first_sample + p.sample_count) return part;
   const int64_t pixel_stride = d.num_heads * d.channels;
   const int64_t l = (s / d.num_points) % d.num_levels;
   const int64_t m = (s / (d.num_points * d.num_levels)) % d.num_heads;
@@ -323,7 +331,7 @@ DD_HOST_DEVICE void backward_write(int64_t s, const LanePartials<at::opmath_type
                                    const BackwardParams<scalar_t, coord_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = p.d;
-  if (s >= d.batch * d.num_query * d.num_heads * d.num_levels * d.num_points) return;
+  if (s >= p.first_sample + p.sample_count) return;
   if (!sum.inside) {  // exactly zero, whatever the weight (NaN included)
     p.grad_weights[s] = coord_t(0);
     p.grad_locations[2 * s] = coord_t(0);
@@ -347,7 +355,7 @@ DD_HOST_DEVICE void backward_warp(int64_t warp_index, Warp& warp,
                                   const Scatter& scatter) {
   using acc_t = at::opmath_type<scalar_t>;
   const int group = lanes_per_sample(p.d.channels);
-  const int64_t first = warp_index * (kWarpSize / group);
+  const int64_t first = p.first_sample + warp_index * (kWarpSize / group);
   typename Warp::template Lanes<acc_t> sum_weight, sum_h, sum_w;
   typename Warp::template Lanes<bool> inside;
   warp.for_each_lane([&](int lane) {
@@ -378,9 +386,7 @@ DD_HOST_DEVICE void backward_warps(int64_t block, int64_t warp_in_block, int64_t
                                    int64_t grid_dim, Warp& warp,
                                    const BackwardParams<scalar_t, coord_t>& p,
                                    const Scatter& scatter) {
-  const Dims& d = p.d;
-  const int64_t samples = d.batch * d.num_query * d.num_heads * d.num_levels * d.num_points;
-  const int64_t warps = backward_threads(samples, d.channels) / kWarpSize;
+  const int64_t warps = backward_threads(p.sample_count, p.d.channels) / kWarpSize;
   const int64_t warps_per_block = block_dim / kWarpSize;
   for (int64_t w = block * warps_per_block + warp_in_block; w < warps;
        w += warps_per_block * grid_dim) {
@@ -400,51 +406,52 @@ DD_HOST_DEVICE void backward_thread(int64_t block, int64_t thread, int64_t block
 
 // ------------------------------------------- deterministic value gradient --
 
-// After a stable sort of the keys and a run-length count: segment u covers the
-// sorted entries [ends[u] - counts[u], ends[u]), all with key keys[u]; order[j]
-// is the original entry index 4 * s + tap of sorted entry j.
-template <typename scalar_t, typename key_t>
+// After the sort of one chunk's packed entries: sorted[j] = (key << index_bits)
+// | e, ascending, so equal keys (one value row) form runs in entry order.
+template <typename scalar_t>
 struct GatherParams {
-  const key_t* keys;      // unique keys, ascending
-  const int64_t* ends;    // inclusive prefix sums of counts
-  const int64_t* counts;  // entries per key
-  const int64_t* order;   // stable-sort permutation
+  const int64_t* sorted;  // entries of the chunk, sorted
   const at::opmath_type<scalar_t>* coefs;
   const scalar_t* grad_output;
-  scalar_t* grad_value;  // zero-initialised (N, S, M, D)
-  int64_t num_segments;
+  at::opmath_type<scalar_t>* grad_value;  // zero-initialised (N, S, M, D), accumulated over chunks
+  int64_t entries;        // of this chunk
+  int index_bits;
+  int64_t first_sample;   // of this chunk
   int64_t channels;
   int64_t samples_per_row;  // L * P: samples of one (n, q, m) row of grad_output
   int64_t sentinel;
 };
 
-// index = u * D + c: one thread per (segment, channel), channels fastest, so a
-// warp reads one segment's entries (the same addresses: broadcast) and
-// neighbouring channels of grad_output rows (coalesced), and writes one
-// contiguous row of grad_value. Each element of grad_value has exactly one
-// writer and its contributions are summed in ascending entry order, so the
-// result does not depend on scheduling. Accumulation in opmath, cast once.
-template <typename scalar_t, typename key_t>
-DD_HOST_DEVICE void gather_element(int64_t index, const GatherParams<scalar_t, key_t>& g) {
+// index = j * D + c: one thread per (sorted entry, channel), channels fastest.
+// The thread of the first entry of a run sums the run's contributions to
+// channel c in entry order and adds the sum to grad_value[key, c]; the others
+// return at once. A warp (D = 32) shares one entry: the run's entries and
+// coefficients are the same addresses for all its lanes (broadcast), its
+// grad_output reads and its grad_value row are contiguous (coalesced). Each
+// element of grad_value has exactly one writer per chunk and the chunks run
+// one after another, so the result does not depend on scheduling.
+template <typename scalar_t>
+DD_HOST_DEVICE void gather_element(int64_t index, const GatherParams<scalar_t>& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t u = index / g.channels;
+  const int64_t j = index / g.channels;
   const int64_t c = index % g.channels;
-  const int64_t key = static_cast<int64_t>(g.keys[u]);
-  if (key >= g.sentinel) return;  // taps outside the map
-  const int64_t end = g.ends[u];
+  const int64_t key = g.sorted[j] >> g.index_bits;
+  if (key >= g.sentinel) return;                                 // taps outside the map
+  if (j > 0 && (g.sorted[j - 1] >> g.index_bits) == key) return;  // not the start of its run
+  const int64_t mask = (int64_t(1) << g.index_bits) - 1;
   acc_t acc = 0;
-  for (int64_t j = end - g.counts[u]; j < end; ++j) {
-    const int64_t entry = g.order[j];
-    const int64_t row = (entry / 4) / g.samples_per_row;
-    acc += g.coefs[entry] * static_cast<acc_t>(g.grad_output[row * g.channels + c]);
+  for (int64_t k = j; k < g.entries && (g.sorted[k] >> g.index_bits) == key; ++k) {
+    const int64_t e = g.sorted[k] & mask;
+    const int64_t row = (g.first_sample + e / 4) / g.samples_per_row;
+    acc += g.coefs[e] * static_cast<acc_t>(g.grad_output[row * g.channels + c]);
   }
-  g.grad_value[key * g.channels + c] = static_cast<scalar_t>(acc);
+  g.grad_value[key * g.channels + c] += acc;
 }
 
-template <typename scalar_t, typename key_t>
+template <typename scalar_t>
 DD_HOST_DEVICE void gather_thread(int64_t block, int64_t thread, int64_t block_dim,
-                                  int64_t grid_dim, const GatherParams<scalar_t, key_t>& g) {
-  const int64_t total = g.num_segments * g.channels;
+                                  int64_t grid_dim, const GatherParams<scalar_t>& g) {
+  const int64_t total = g.entries * g.channels;
   for (int64_t index = block * block_dim + thread; index < total; index += block_dim * grid_dim) {
     gather_element(index, g);
   }

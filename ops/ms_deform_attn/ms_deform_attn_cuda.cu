@@ -21,6 +21,7 @@
 #include <torch/types.h>
 
 #include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/cub.h>
 
 #include "cuda_driver.h"
 #include "ms_deform_attn.h"
@@ -91,17 +92,16 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output,
                   scatter);
 }
 
-template <typename scalar_t, typename key_t>
-__global__ void gather_kernel(const key_t* __restrict__ keys, const int64_t* __restrict__ ends,
-                              const int64_t* __restrict__ counts, const int64_t* __restrict__ order,
+template <typename scalar_t>
+__global__ void gather_kernel(const int64_t* __restrict__ sorted,
                               const at::opmath_type<scalar_t>* __restrict__ coefs,
                               const scalar_t* __restrict__ grad_output,
-                              scalar_t* __restrict__ grad_value, int64_t num_segments,
-                              int64_t channels, int64_t samples_per_row, int64_t sentinel) {
-  gather_thread(
-      blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
-      GatherParams<scalar_t, key_t>{keys, ends, counts, order, coefs, grad_output, grad_value,
-                                    num_segments, channels, samples_per_row, sentinel});
+                              at::opmath_type<scalar_t>* __restrict__ grad_value, int64_t entries,
+                              int index_bits, int64_t first_sample, int64_t channels,
+                              int64_t samples_per_row, int64_t sentinel) {
+  gather_thread(blockIdx.x, threadIdx.x, blockDim.x, gridDim.x,
+                GatherParams<scalar_t>{sorted, coefs, grad_output, grad_value, entries, index_bits,
+                                       first_sample, channels, samples_per_row, sentinel});
 }
 
 struct CudaLauncher {
@@ -110,6 +110,12 @@ struct CudaLauncher {
   int64_t max_blocks() const { return kMaxBlocks; }
   bool wide_index() const { return false; }
   bool narrow_vectors() const { return false; }
+  int64_t sort_chunk_entries() const { return kSortChunkEntries; }
+  // cub's radix sort on the low end_bit bits (the keys are non-negative).
+  void sort_keys(const at::Tensor& packed, at::Tensor& sorted, int64_t n, int end_bit) {
+    at::cuda::cub::radix_sort_keys<int64_t>(packed.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+                                            n, /*descending=*/false, /*begin_bit=*/0, end_bit);
+  }
   at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::zeros(sizes, options);
   }
@@ -132,10 +138,10 @@ struct CudaLauncher {
         p.grad_weights, p.d, scatter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  template <typename scalar_t, typename key_t>
-  void gather(const LaunchConfig& c, const GatherParams<scalar_t, key_t>& g) {
-    gather_kernel<scalar_t, key_t><<<c.blocks, c.threads, 0, stream>>>(
-        g.keys, g.ends, g.counts, g.order, g.coefs, g.grad_output, g.grad_value, g.num_segments,
+  template <typename scalar_t>
+  void gather(const LaunchConfig& c, const GatherParams<scalar_t>& g) {
+    gather_kernel<scalar_t><<<c.blocks, c.threads, 0, stream>>>(
+        g.sorted, g.coefs, g.grad_output, g.grad_value, g.entries, g.index_bits, g.first_sample,
         g.channels, g.samples_per_row, g.sentinel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -165,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const auto grad = prepare_grad_output(grad_output, in);
   CudaLauncher launcher;
   return cuda_kernels::backward<DeviceAtomicAdd>(in, grad, use_deterministic(deterministic),
-                                                 /*wide_keys=*/false, launcher);
+                                                 launcher);
 }
 
 }  // namespace detr_deform

@@ -302,17 +302,22 @@ def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path
                              cuda_cflags=cuda_arch_flags(cuda_arch_list()) if with_cuda else None)
 
 
-def build_and_load_emulation(verbose: bool = False) -> Path:
+def build_and_load_emulation(verbose: bool = False, trace: bool = False) -> Path:
     """Compiles (if needed) and loads the CPU emulation of the CUDA kernels
     (torch.ops.detr_deform_emulation.*) with the normal C++ compiler; no nvcc.
 
     -O2 on the baseline target, without -ffast-math and without contracting a*b+c
     into FMAs (-ffp-contract=off): plain IEEE arithmetic, the same on every host.
     nvcc does contract, so emulated and GPU results agree to rounding, not bitwise.
+    ``trace``: the flavour with the global-memory trace of tools/kernel_report.py (-DDD_TRACE_MEMORY;
+    its own library and cache directory; never load both flavours in one process).
     """
     _check_toolchain(with_cuda=False)
     sources_root = source_dir()
     sources = [str(sources_root / name) for name in EMULATION_SOURCE_FILES]
-    return _compile_and_load(EMULATION_LIBRARY, sources, build_dir(False, flavour="cuda-emulation"), False,
-                             ["-O2", "-ffp-contract=off"], [], verbose, what="the CPU emulation of the CUDA kernels",
+    name, flavour = (EMULATION_LIBRARY + "_trace", "cuda-emulation-trace") if trace else (EMULATION_LIBRARY,
+                                                                                          "cuda-emulation")
+    flags = ["-O2", "-ffp-contract=off"] + (["-DDD_TRACE_MEMORY"] if trace else [])
+    return _compile_and_load(name, sources, build_dir(False, flavour=flavour), False, flags, [], verbose,
+                             what="the CPU emulation of the CUDA kernels",
                              rebuild="python -m detr_deform.ops build --emulation --verbose", fallback="")

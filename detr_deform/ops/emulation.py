@@ -19,7 +19,7 @@ import torch
 from detr_deform.ops._build import OpsBuildError, build_and_load_emulation
 from detr_deform.ops._checks import check_tensor_arguments
 
-__all__ = ["Launch", "backward_threads", "sort_chunk_entries", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
+__all__ = ["Launch", "backward_threads", "sort_chunk_entries", "trace_start", "trace_stop", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
            "load_emulation", "OpsBuildError"]
 
 _lock = threading.Lock()
@@ -34,13 +34,37 @@ class Launch(NamedTuple):
     variant: str      # forward: index type and vector width (i32v4, i64v1, ...); backward: lanes per sample (g32)
 
 
-def load_emulation() -> None:
-    """Builds (if needed) and loads the harness once per process; raises OpsBuildError on failure."""
+def load_emulation(trace: bool = False) -> None:
+    """Builds (if needed) and loads the harness once per process; raises OpsBuildError on failure.
+    ``trace``: the flavour with the global-memory trace (tools/kernel_report.py); whichever flavour
+    a process loads first is the one it keeps (both register the same operators)."""
     global _loaded
     with _lock:
         if not _loaded:
-            build_and_load_emulation()
+            build_and_load_emulation(trace=trace)
             _loaded = True
+
+
+def trace_start() -> None:
+    """Zeroes and starts the global-memory trace (trace flavour only; natural thread order)."""
+    load_emulation()
+    torch.ops.detr_deform_emulation.trace_start()
+
+
+def trace_stop() -> dict[str, dict[str, float]]:
+    """Stops the trace; per kernel (forward, backward, gather): distinct 32-byte sectors and warp-wide
+    memory instructions per kind of access (value_read, grad_value, other_read, other_write), and
+    lane-level atomics."""
+    load_emulation()
+    counts = torch.ops.detr_deform_emulation.trace_stop()
+    kinds = ("value_read", "grad_value", "other_read", "other_write")
+    out = {}
+    for index, kernel in enumerate(("forward", "backward", "gather")):
+        block = counts[9 * index: 9 * index + 9]
+        out[kernel] = {f"{kind}_sectors": block[i] for i, kind in enumerate(kinds)}
+        out[kernel].update({f"{kind}_instructions": block[4 + i] for i, kind in enumerate(kinds)})
+        out[kernel]["atomics"] = block[8]
+    return out
 
 
 def _max_blocks(max_blocks: int | None) -> int:

@@ -111,7 +111,15 @@ struct EmulatedWarp {
   };
   template <typename F>
   void for_each_lane(F&& phase) {
-    for (const int lane : order) phase(lane);
+    for (const int lane : order) {
+#if defined(DD_TRACE_MEMORY)
+      trace::set_lane(lane);
+#endif
+      phase(lane);
+    }
+#if defined(DD_TRACE_MEMORY)
+    trace::flush_warp();  // a phase's accesses are the warp's memory instructions
+#endif
   }
   template <typename T>
   void sum_groups(Lanes<T>& x, int group) {
@@ -126,12 +134,31 @@ struct EmulatedWarp {
 
 // Runs body(block, thread) for every pair of the grid; seed 0 is the natural
 // order (block by block), any other seed a Fisher-Yates permutation.
+// The trace's kernel index of a launch (forward 0, backward 1, gather 2).
+void trace_kernel(const char* kernel) {
+#if defined(DD_TRACE_MEMORY)
+  const std::string name(kernel);
+  trace::set_kernel(name == "forward" ? 0 : name == "backward" ? 1 : 2);
+#else
+  (void)kernel;
+#endif
+}
+
 template <typename Body>
 void run_grid(const char* kernel, const LaunchConfig& config, uint64_t seed, const Body& body,
               const std::string& variant = "-") {
+  trace_kernel(kernel);
   const int64_t count = config.blocks * config.threads;
   if (seed == 0) {  // no permutation vector: grids can be large
-    for (int64_t pair = 0; pair < count; ++pair) body(pair / config.threads, pair % config.threads);
+    for (int64_t pair = 0; pair < count; ++pair) {
+#if defined(DD_TRACE_MEMORY)
+      trace::set_lane(static_cast<int>(pair % kWarpSize));
+#endif
+      body(pair / config.threads, pair % config.threads);
+#if defined(DD_TRACE_MEMORY)
+      if (pair % kWarpSize == kWarpSize - 1) trace::flush_warp();  // 32 consecutive threads: a warp
+#endif
+    }
   } else {
     std::mt19937_64 rng(seed);
     for (const int64_t pair : permutation(count, &rng)) {
@@ -147,6 +174,7 @@ template <typename Body>
 void run_warps(const char* kernel, const LaunchConfig& config, uint64_t seed, const Body& body,
                const std::string& variant) {
   TORCH_CHECK(config.threads % kWarpSize == 0, "emulation: blocks of whole warps only");
+  trace_kernel(kernel);
   const int64_t per_block = config.threads / kWarpSize;
   const int64_t count = config.blocks * per_block;
   std::mt19937_64 rng(seed);
@@ -274,6 +302,36 @@ std::vector<int64_t> launch_config_op(int64_t work, int64_t max_blocks) {
   return {config.blocks, config.threads};
 }
 
+// The memory trace (the trace flavour only, -DDD_TRACE_MEMORY; natural thread order):
+// trace_start() zeroes and enables it, trace_stop() returns sectors per kind (value reads,
+// grad_value, other reads, other writes), warp-wide instructions per kind, and lane atomics.
+void trace_start() {
+#if defined(DD_TRACE_MEMORY)
+  trace::state() = trace::State{};
+  trace::state().enabled = true;
+#else
+  TORCH_CHECK(false, "detr_deform emulation: this build has no memory trace (build it with "
+              "detr_deform.ops._build.build_and_load_emulation(trace=True))");
+#endif
+}
+
+std::vector<double> trace_stop() {
+  std::vector<double> out;
+#if defined(DD_TRACE_MEMORY)
+  trace::flush_warp();
+  trace::State& s = trace::state();
+  s.enabled = false;
+  for (int kernel = 0; kernel < trace::kKernels; ++kernel) {  // forward, backward, gather
+    for (int k = 0; k < trace::kKinds; ++k) out.push_back(s.sectors[kernel][k]);
+    for (int k = 0; k < trace::kKinds; ++k) {
+      out.push_back(static_cast<double>(s.instructions[kernel][k]));
+    }
+    out.push_back(static_cast<double>(s.atomics[kernel]));
+  }
+#endif
+  return out;
+}
+
 int64_t sort_chunk_entries_op(bool wide_keys) {
   return wide_keys ? kTestChunkEntries : kSortChunkEntries;
 }
@@ -313,6 +371,8 @@ TORCH_LIBRARY(detr_deform_emulation, m) {
       "int max_blocks=0, bool wide_keys=False) -> (Tensor, Tensor, Tensor)");
   m.def("launch_config(int work, int max_blocks=0) -> int[]",
         &detr_deform::emulation::launch_config_op);
+  m.def("trace_start() -> ()", &detr_deform::emulation::trace_start);
+  m.def("trace_stop() -> float[]", &detr_deform::emulation::trace_stop);
   m.def("sort_chunk_entries(bool wide_keys=False) -> int",
         &detr_deform::emulation::sort_chunk_entries_op);
   m.def("backward_threads(int samples, int channels) -> int",

@@ -46,6 +46,7 @@
 
 #include "bilinear.h"
 #include "dims.h"
+#include "memory_trace.h"
 
 namespace detr_deform {
 namespace cuda_kernels {
@@ -148,14 +149,18 @@ DD_HOST_DEVICE void forward_element(index_t index, const ForwardParams<scalar_t,
     const scalar_t* level_value = value_nm + static_cast<index_t>(p.starts[l]) * pixel_stride;
     for (index_t pt = 0; pt < points; ++pt) {
       const index_t s = sample_base + l * points + pt;
+      DD_TRACE(trace::kOtherRead, 1, p.locations + 2 * s, 2 * sizeof(coord_t));
       const auto taps = bilinear_taps<acc_t, index_t>(static_cast<acc_t>(p.locations[2 * s]),
                                                       static_cast<acc_t>(p.locations[2 * s + 1]),
                                                       height, width);
       if (!taps.inside) continue;
+      DD_TRACE(trace::kOtherRead, 2, p.weights + s, sizeof(coord_t));
       const acc_t weight = static_cast<acc_t>(p.weights[s]);
       Pack<scalar_t, V> tap[4];
       for (int t = 0; t < 4; ++t) {
         if (taps.offset[t] >= 0) {
+          DD_TRACE(trace::kValueRead, 10 + t, level_value + taps.offset[t] * pixel_stride,
+                   sizeof(Pack<scalar_t, V>));
           tap[t] = *reinterpret_cast<const Pack<scalar_t, V>*>(level_value +
                                                               taps.offset[t] * pixel_stride);
         } else {
@@ -171,6 +176,7 @@ DD_HOST_DEVICE void forward_element(index_t index, const ForwardParams<scalar_t,
   }
   Pack<scalar_t, V> out;
   for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(acc[i]);
+  DD_TRACE(trace::kOtherWrite, 3, p.output + (nq * heads + m) * channels + c, sizeof(out));
   *reinterpret_cast<Pack<scalar_t, V>*>(p.output + (nq * heads + m) * channels + c) = out;
 }
 
@@ -225,6 +231,8 @@ struct AtomicScatter {
     acc_t* level_grad = grad_value + level_offset;
     for (int i = 0; i < 4; ++i) {
       if (taps.offset[i] >= 0) {
+        DD_TRACE_ATOMIC(trace::kGradValue, 40 + i, level_grad + taps.offset[i] * pixel_stride + c,
+                        sizeof(acc_t));
         AtomicAdd::add(level_grad + taps.offset[i] * pixel_stride + c,
                        grad_times_weight * taps.weight[i]);
       }
@@ -254,6 +262,8 @@ struct KeyedScatter {
   DD_HOST_DEVICE void outside(int64_t s) const {
     for (int i = 0; i < 4; ++i) {
       const int64_t e = 4 * (s - first) + i;
+      DD_TRACE(trace::kOtherWrite, 50 + i, packed + e, sizeof(int64_t));
+      DD_TRACE(trace::kOtherWrite, 54 + i, coefs + e, sizeof(acc_t));
       packed[e] = (sentinel << index_bits) | e;
       coefs[e] = acc_t(0);
     }
@@ -264,6 +274,8 @@ struct KeyedScatter {
       const int64_t e = 4 * (s - first) + i;
       const bool ok = taps.offset[i] >= 0;
       const int64_t key = ok ? (level_pos + taps.offset[i]) * num_heads + m : sentinel;
+      DD_TRACE(trace::kOtherWrite, 50 + i, packed + e, sizeof(int64_t));
+      DD_TRACE(trace::kOtherWrite, 54 + i, coefs + e, sizeof(acc_t));
       packed[e] = (key << index_bits) | e;
       coefs[e] = ok ? weight * taps.weight[i] : acc_t(0);
     }
@@ -295,6 +307,7 @@ DD_HOST_DEVICE LanePartials<at::opmath_type<scalar_t>> backward_lane(
   const int64_t m = (s / (d.num_points * d.num_levels)) % d.num_heads;
   const int64_t nq = s / (d.num_points * d.num_levels * d.num_heads);
   const int64_t n = nq / d.num_query;
+  DD_TRACE(trace::kOtherRead, 21, p.locations + 2 * s, 2 * sizeof(coord_t));
   const auto taps = bilinear_taps<acc_t>(static_cast<acc_t>(p.locations[2 * s]),
                                          static_cast<acc_t>(p.locations[2 * s + 1]),
                                          p.shapes[2 * l], p.shapes[2 * l + 1]);
@@ -307,9 +320,17 @@ DD_HOST_DEVICE LanePartials<at::opmath_type<scalar_t>> backward_lane(
   const int64_t level_offset = level_pos * pixel_stride + m * d.channels;
   const scalar_t* level_value = p.value + level_offset;
   const scalar_t* go = p.grad_output + (nq * d.num_heads + m) * d.channels;
+  DD_TRACE(trace::kOtherRead, 22, p.weights + s, sizeof(coord_t));
   const acc_t weight = static_cast<acc_t>(p.weights[s]);
   if (g == 0) scatter.sample(s, level_pos, m, taps, weight);
   for (int64_t c = g; c < d.channels; c += group) {
+    DD_TRACE(trace::kOtherRead, 23, go + c, sizeof(scalar_t));
+    for (int i = 0; i < 4; ++i) {
+      if (taps.offset[i] >= 0) {
+        DD_TRACE(trace::kValueRead, 30 + i, level_value + c + taps.offset[i] * pixel_stride,
+                 sizeof(scalar_t));
+      }
+    }
     const acc_t grad = static_cast<acc_t>(go[c]);
     const acc_t v0 = load_tap<scalar_t, acc_t>(level_value + c, taps.offset[0], pixel_stride);
     const acc_t v1 = load_tap<scalar_t, acc_t>(level_value + c, taps.offset[1], pixel_stride);
@@ -332,6 +353,8 @@ DD_HOST_DEVICE void backward_write(int64_t s, const LanePartials<at::opmath_type
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& d = p.d;
   if (s >= p.first_sample + p.sample_count) return;
+  DD_TRACE(trace::kOtherWrite, 60, p.grad_weights + s, sizeof(coord_t));
+  DD_TRACE(trace::kOtherWrite, 61, p.grad_locations + 2 * s, 2 * sizeof(coord_t));
   if (!sum.inside) {  // exactly zero, whatever the weight (NaN included)
     p.grad_weights[s] = coord_t(0);
     p.grad_locations[2 * s] = coord_t(0);
@@ -339,6 +362,7 @@ DD_HOST_DEVICE void backward_write(int64_t s, const LanePartials<at::opmath_type
     return;
   }
   const int64_t l = (s / d.num_points) % d.num_levels;
+  DD_TRACE(trace::kOtherRead, 62, p.weights + s, sizeof(coord_t));
   const acc_t weight = static_cast<acc_t>(p.weights[s]);
   p.grad_weights[s] = static_cast<coord_t>(sum.weight);
   p.grad_locations[2 * s] = static_cast<coord_t>(sum.w * weight * p.shapes[2 * l + 1]);
@@ -435,16 +459,22 @@ DD_HOST_DEVICE void gather_element(int64_t index, const GatherParams<scalar_t>& 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t j = index / g.channels;
   const int64_t c = index % g.channels;
+  DD_TRACE(trace::kOtherRead, 70, g.sorted + j, sizeof(int64_t));
   const int64_t key = g.sorted[j] >> g.index_bits;
-  if (key >= g.sentinel) return;                                 // taps outside the map
+  if (key >= g.sentinel) return;  // taps outside the map
+  if (j > 0) DD_TRACE(trace::kOtherRead, 71, g.sorted + j - 1, sizeof(int64_t));
   if (j > 0 && (g.sorted[j - 1] >> g.index_bits) == key) return;  // not the start of its run
   const int64_t mask = (int64_t(1) << g.index_bits) - 1;
   acc_t acc = 0;
   for (int64_t k = j; k < g.entries && (g.sorted[k] >> g.index_bits) == key; ++k) {
+    DD_TRACE(trace::kOtherRead, 72, g.sorted + k, sizeof(int64_t));
     const int64_t e = g.sorted[k] & mask;
     const int64_t row = (g.first_sample + e / 4) / g.samples_per_row;
+    DD_TRACE(trace::kOtherRead, 73, g.coefs + e, sizeof(acc_t));
+    DD_TRACE(trace::kOtherRead, 74, g.grad_output + row * g.channels + c, sizeof(scalar_t));
     acc += g.coefs[e] * static_cast<acc_t>(g.grad_output[row * g.channels + c]);
   }
+  DD_TRACE(trace::kGradValue, 75, g.grad_value + key * g.channels + c, sizeof(acc_t));
   g.grad_value[key * g.channels + c] += acc;
 }
 

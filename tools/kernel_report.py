@@ -124,6 +124,7 @@ def compile_sm90(workdir: Path) -> tuple[str, Path]:
                 sysconfig.get_paths()["include"]]
     cubin = workdir / "ms_deform_attn_cuda.cubin"
     command = [str(Path(home) / "bin" / "nvcc"), "-cubin", "-arch=sm_90", "-O3", "-std=c++20",
+               "--Werror=cross-execution-space-call",
                *cpp_extension.COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=kernel_report",
                "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xptxas", "-v", *[f"-I{path}" for path in includes],
                str(_build.source_dir() / "ms_deform_attn_cuda.cu"), "-o", str(cubin)]
@@ -157,8 +158,9 @@ def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
 
 
 def parse_sass(text: str) -> dict[str, dict[str, int]]:
-    """mangled kernel name -> instructions (without NOPs) and per_sample_loop (see the module docstring)."""
-    functions: dict[str, list[str]] = {}
+    """mangled kernel name -> instructions (without NOPs) and per_sample_loop (see the module docstring).
+    Branch targets come as labels (`(.L_x_3)`) or as addresses (0xb60), depending on cuobjdump."""
+    functions: dict[str, list[tuple[int, str]]] = {}
     labels: dict[str, dict[str, int]] = {}
     name = None
     for line in text.splitlines():
@@ -173,18 +175,22 @@ def parse_sass(text: str) -> dict[str, dict[str, int]]:
         if label:
             labels[name][label.group(1)] = len(functions[name])
             continue
-        instruction = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
-        if instruction and not re.match(r"(@!?U?P\w+\s+)?NOP\b", instruction.group(1)):
-            functions[name].append(instruction.group(1))
+        instruction = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if instruction and not re.match(r"(@!?U?P\w+\s+)?NOP\b", instruction.group(2)):
+            functions[name].append((int(instruction.group(1), 16), instruction.group(2)))
     out = {}
     for name, body in functions.items():
+        by_address = {address: index for index, (address, _) in enumerate(body)}
         loops = []
-        for index, instruction in enumerate(body):
-            target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", instruction)
-            start = labels[name].get(target.group(1)) if target else None
+        for index, (_, instruction) in enumerate(body):
+            target = re.search(r"BRA\s+(?:`\((\.L_x_\d+)\)|(0x[0-9a-f]+))", instruction)
+            if not target:
+                continue
+            start = (labels[name].get(target.group(1)) if target.group(1) else
+                     next((i for a, i in sorted(by_address.items()) if a >= int(target.group(2), 16)), None))
             if start is not None and start <= index:
-                span = body[start:index + 1]
-                if sum(op.split()[0].startswith("LDG") or " LDG" in op for op in span) >= 4:
+                span = [op for _, op in body[start:index + 1]]
+                if sum(bool(re.search(r"(^|\s)LDG", op)) for op in span) >= 4:
                     loops.append(len(span))
         out[name] = {"instructions": len(body), "per_sample_loop": min(loops) if loops else 0}
     return out
@@ -198,16 +204,25 @@ def demangle(names: list[str]) -> dict[str, str]:
     return {mangled: strip.sub("", readable) for mangled, readable in zip(names, plain)}
 
 
-def compile_facts() -> dict[str, dict[str, dict[str, int]]]:
-    """(kernel, precision) -> registers, spills, smem, instructions, per-sample loop, for sm_90."""
+def compile_facts(keep: Path | None = None) -> dict[str, dict[str, dict[str, int]]]:
+    """(kernel, precision) -> registers, spills, smem, instructions, per-sample loop, for sm_90;
+    ``keep``: a folder for the cubin, nvcc's output (ptxas.txt) and the disassembly (sass.txt)."""
     cuobjdump = cuobjdump_path()
     if cuobjdump is None:
         raise RuntimeError("cuobjdump not found (neither in the CUDA toolkit nor in the triton package)")
-    with tempfile.TemporaryDirectory() as workdir:
-        ptxas, cubin = compile_sm90(Path(workdir))
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = keep or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ptxas, cubin = compile_sm90(workdir)
         dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=False)
         if dump.returncode != 0:
             raise RuntimeError(f"cuobjdump -sass failed: {dump.stderr.strip()[:300]}")
+        if keep:
+            (workdir / "ptxas.txt").write_text(ptxas)
+            (workdir / "sass.txt").write_text(dump.stdout)
+    warnings = [line for line in ptxas.splitlines() if "warning" in line.lower() and "__host__" in line]
+    if warnings:  # a host function called from device code: the kernel would be gutted
+        raise RuntimeError(f"nvcc: {warnings[0].strip()[:300]}")
     registers, sass = parse_ptxas(ptxas), parse_sass(dump.stdout)
     readable = demangle(sorted(set(registers) | set(sass)))
     facts: dict[str, dict[str, dict[str, int]]] = {}
@@ -285,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON after the table")
     parser.add_argument("--skip-nvcc", action="store_true", help="memory traffic only")
     parser.add_argument("--queries", type=int, default=256, help="queries per scale (default 256)")
+    parser.add_argument("--keep", type=Path, help="keep the sm_90 cubin, ptxas.txt and sass.txt in this folder")
     args = parser.parse_args(argv)
     if args.queries <= 0:
         parser.error(f"--queries must be positive, got {args.queries}")
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.skip_nvcc:
         try:
-            figures["sm90"] = compile_facts()
+            figures["sm90"] = compile_facts(args.keep)
         except (RuntimeError, OSError) as error:
             figures["sm90_error"] = str(error).splitlines()[0]
     print("\n".join(table(figures)))

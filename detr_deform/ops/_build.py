@@ -263,7 +263,10 @@ def _compile_and_load(name: str, sources: list[str], directory: Path, with_cuda:
             sources=sources,
             extra_cflags=cflags,
             extra_ldflags=ldflags,
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", *(cuda_cflags or [])],
+            # A host function called from device code compiles (with a warning) to a kernel that does
+            # nothing: an error instead.
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "--Werror=cross-execution-space-call",
+                               *(cuda_cflags or [])],
             extra_include_paths=[str(sources_root)] + (_cuda_include_dirs() if with_cuda else []),
             build_directory=str(directory),
             with_cuda=with_cuda,

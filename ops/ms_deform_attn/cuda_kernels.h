@@ -75,8 +75,9 @@ DD_HOST_DEVICE int lanes_per_sample(int64_t channels) {
   return group;
 }
 
-// Threads of the backward launch: whole warps, each covering 32 / G samples.
-inline int64_t backward_threads(int64_t samples, int64_t channels) {
+// Threads of the backward launch: whole warps, each covering 32 / G samples
+// (host and device: the kernel's grid-stride loop needs it too).
+DD_HOST_DEVICE int64_t backward_threads(int64_t samples, int64_t channels) {
   const int64_t per_warp = kWarpSize / lanes_per_sample(channels);
   return kWarpSize * ((samples + per_warp - 1) / per_warp);
 }

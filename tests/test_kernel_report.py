@@ -80,3 +80,20 @@ def test_emulated_traffic_follows_the_thread_mapping():
         assert atomic["value_read"] == traffic["forward"]["value_read"]
         assert atomic["grad_value"] == forward and atomic["atomics"] == 8 * forward
         assert traffic["deterministic backward"]["atomics"] == 0 and traffic["gather"]["atomics"] == 0
+
+
+def test_sass_loops_with_address_targets():
+    """cuobjdump for sm_90 prints branch targets as addresses; the loop is found the same way."""
+    sass = textwrap.dedent("""
+            Function : _Z3bazPf
+            /*0000*/                   LDC R1, c[0x0][0x28] ;
+            /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+            /*0020*/               @P1 LDG.E.128.CONSTANT R8, desc[UR4][R6.64] ;
+            /*0030*/               @P2 LDG.E.128.CONSTANT R12, desc[UR4][R6.64+0x10] ;
+            /*0040*/                   LDG.E.CONSTANT R3, desc[UR4][R4.64+0x4] ;
+            /*0050*/                   FFMA R8, R2, R3, R8 ;
+            /*0060*/              @!P3 BRA 0x10 ;
+            /*0070*/                   EXIT ;
+            /*0080*/                   BRA 0x80;
+    """)
+    assert kernel_report.parse_sass(sass) == {"_Z3bazPf": {"instructions": 9, "per_sample_loop": 6}}

@@ -19,8 +19,20 @@ import torch
 from detr_deform.ops._build import OpsBuildError, build_and_load_emulation
 from detr_deform.ops._checks import check_tensor_arguments
 
-__all__ = ["Launch", "backward_threads", "sort_chunk_entries", "trace_start", "trace_stop", "emulated_backward", "emulated_forward", "huge_zeros", "last_launches", "launch_config",
-           "load_emulation", "OpsBuildError"]
+__all__ = [
+    "Launch",
+    "backward_threads",
+    "sort_chunk_entries",
+    "trace_start",
+    "trace_stop",
+    "emulated_backward",
+    "emulated_forward",
+    "huge_zeros",
+    "last_launches",
+    "launch_config",
+    "load_emulation",
+    "OpsBuildError",
+]
 
 _lock = threading.Lock()
 _loaded = False

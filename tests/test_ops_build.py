@@ -187,3 +187,22 @@ def test_the_compiled_implementation_is_announced_once():
     announced = [line for line in done.stderr.splitlines() if "MSDeformAttn on" in line]
     assert len(announced) == 1 and announced[0].startswith(
         "detr_deform: MSDeformAttn on cpu uses the compiled CPU kernels ("), announced
+
+
+def test_gpu_inputs_with_a_cpu_only_build_are_one_line():
+    """A CPU-only build (DETR_DEFORM_WITH_CUDA=0) given GPU inputs: our error with the fix, for auto and
+    cpp alike, instead of the dispatcher's 'Could not run ... CUDA backend' from deep inside torch."""
+    script = AUTO_ON_CUDA_SCRIPT.split("try:")[0] + textwrap.dedent("""
+        for impl in ("auto", "cpp"):
+            try:
+                ms_deform_attn(value, shapes, starts, loc, w, impl=impl)
+                print("NO ERROR")
+            except OpsBuildError as error:
+                print(f"{impl} ERROR:", error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, DETR_DEFORM_WITH_CUDA="0"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["auto ERROR", "cpp ERROR"]
+    assert all("built without CUDA kernels" in line and "model.attn_impl=pytorch" in line for line in lines)

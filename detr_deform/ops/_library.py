@@ -42,6 +42,11 @@ def load_compiled_op() -> None:
         _loaded = True
 
 
+def compiled_op_has_cuda() -> bool:
+    """Whether the loaded operator library is the CUDA flavour (False before loading)."""
+    return _library_path is not None and _library_path.name == "detr_deform_ops_cuda.so"
+
+
 def compiled_op_description() -> str:
     """What the loaded operator is: its library and, for the CUDA flavour, the architectures it holds."""
     if _library_path is None:

@@ -9,7 +9,12 @@ import torch
 
 from detr_deform.ops._build import OpsBuildError
 from detr_deform.ops._checks import check_level_layout, check_metadata, check_tensor_arguments
-from detr_deform.ops._library import compiled_op_available, compiled_op_description, load_compiled_op
+from detr_deform.ops._library import (
+    compiled_op_available,
+    compiled_op_description,
+    compiled_op_has_cuda,
+    load_compiled_op,
+)
 from detr_deform.ops.reference import ms_deform_attn_pytorch
 
 Impl = Literal["auto", "cpp", "pytorch"]
@@ -83,6 +88,14 @@ def ms_deform_attn(
             load_compiled_op()
         except OpsBuildError as error:
             raise _auto_on_cuda_error(error) from error
+    if impl != "pytorch" and not compiling and value.is_cuda:
+        load_compiled_op()
+        if not compiled_op_has_cuda():  # else a dispatcher error deep inside torch
+            raise OpsBuildError(
+                "ms_deform_attn: the compiled operator was built without CUDA kernels (DETR_DEFORM_WITH_CUDA=0, "
+                "or no GPU visible when it was built) but the inputs are on a GPU: rebuild with "
+                "`python -m detr_deform.ops build --cuda`, or choose the grid_sample path with "
+                "model.attn_impl=pytorch (impl='pytorch')")
     if impl == "pytorch" or (impl == "auto" and not compiling and not compiled_op_available()):
         check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         if not compiling:

@@ -94,3 +94,60 @@ def test_dry_run_report(dry_run):
     assert ddp["data"]["backend"] == "gloo" and ddp["data"]["max_diff"] == 0.0
     bench = next(r for r in report["results"] if r["name"] == "encoder/float32")
     assert bench["data"]["cpp"]["forward_backward_ms"] > 0 and bench["data"]["speedup"] > 0
+
+
+@pytest.mark.parametrize("how", ["-O", "PYTHONOPTIMIZE"])
+def test_refuses_to_run_optimized(tmp_path, how):
+    """Under python -O every assert of what the checks import would vanish: refused, in one line."""
+    import os
+
+    env = dict(os.environ)
+    command = [sys.executable, "tools/gpu_check.py", "--output-dir", str(tmp_path / "out")]
+    if how == "-O":
+        command.insert(1, "-O")
+    else:
+        env["PYTHONOPTIMIZE"] = "1"
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: tools/gpu_check.py refuses to run under python -O / PYTHONOPTIMIZE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_part_takes_its_whole_process_group(tmp_path):
+    """kill_group (used on a part's timeout) ends the part's children too (nvcc, ninja, torchrun workers):
+    here a shell and the sleep it started in the background, which both hold the pipe; the pipe's EOF is
+    the event that every writer is gone."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+
+    process = subprocess.Popen(["sh", "-c", "sleep 600 & exec sleep 600"], stdout=subprocess.PIPE,
+                               start_new_session=True)
+    ended = threading.Event()
+    reader = threading.Thread(target=lambda: (process.stdout.read(), ended.set()), daemon=True)
+    reader.start()
+    gpu_check.kill_group(process)
+    assert ended.wait(timeout=60), "a process of the group survived"
+    process.wait(timeout=60)
+    gpu_check.kill_group(process)  # a group that is gone already: no error
+
+
+def test_part_budgets_fit_the_default_total():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check
+
+    assert sum(part.budget_s for part in gpu_check.PARTS) <= gpu_check.DEFAULT_BUDGET_S == 480
+    assert [part.name for part in gpu_check.PARTS][:3] == ["build", "op_tests", "op_bench"]  # by value
+    assert "--output-dir \"$OUT/gpu_check\"" in (ROOT / "tools" / "gpu_check.py").read_text()
+
+
+def test_no_bare_asserts_in_the_kit():
+    """Checks raise through require(): nothing in tools/ or detr_deform/ops may use assert."""
+    import ast
+
+    files = sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "detr_deform" / "ops").glob("*.py"))
+    offenders = [f"{path.name}:{node.lineno}" for path in files for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Assert)]
+    assert offenders == []

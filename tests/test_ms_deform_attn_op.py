@@ -188,3 +188,64 @@ def test_torch_compile_fullgraph_traces_module_with_op():
     torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert layer.value_proj.weight.grad is not None
+
+
+class _RecordForwardDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name() in ("detr_deform::ms_deform_attn_forward", "detr_deform::ms_deform_attn_backward"):
+            self.calls.append((func.name().split("_")[-1], [a.dtype for a in args if isinstance(a, torch.Tensor)],
+                               [t.dtype for t in (out if isinstance(out, tuple) else (out,))]))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_under_autocast_runs_the_half_kernels_with_float32_locations(dtype):
+    """Under autocast the layer no longer casts value up: the op receives value in the autocast dtype and
+    the sampling locations and weights in float32 (forward), and the backward hands each gradient back
+    in its input's dtype. The result stays close to the float32 layer (bf16 / fp16 rounding of the
+    Linear layers' inputs and outputs: 2e-2 / 3e-3 of the largest magnitude, as for the op itself)."""
+    torch.manual_seed(0)
+    layer = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2, impl="cpp")
+    shapes, starts = torch.tensor([[6, 5], [3, 3]]), torch.tensor([0, 30])
+    src, query, reference = torch.randn(2, 39, 32), torch.randn(2, 11, 32), torch.rand(2, 11, 2, 2)
+    full = layer(query, reference, src, shapes, starts).detach()
+    with _RecordForwardDtypes() as recorder:
+        with torch.autocast("cpu", dtype=dtype):
+            out = layer(query, reference, src, shapes, starts)
+        out.float().sum().backward()
+    forward = [c for c in recorder.calls if c[0] == "forward"]
+    backward = [c for c in recorder.calls if c[0] == "backward"]
+    assert forward == [("forward", [dtype, torch.int64, torch.int64, torch.float32, torch.float32], [dtype])]
+    assert backward == [("backward", [dtype, dtype, torch.int64, torch.int64, torch.float32, torch.float32],
+                         [dtype, torch.float32, torch.float32])]
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(out.float(), full, rtol=tol, atol=tol * float(full.abs().max()))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("impl", ["cpp", "pytorch"])
+def test_mixed_precision_op_matches_float32_on_the_rounded_value(impl):
+    """bf16 value + float32 locations / weights: output and grad_value in bf16, grad_locations and
+    grad_weights in float32, equal to the float32 computation on the bf16-rounded value (bf16 -> float32
+    is exact, and grad_output is bf16-valued in both: only the final rounding to bf16 of the output and
+    grad_value differs, at most half a bf16 step, 2^-9 relative; tolerance 2^-8)."""
+    value, shapes, starts, locations, weights = make_inputs([(5, 4), (3, 2)], dtype=torch.float32, channels=8)
+    value16 = value.to(torch.bfloat16)
+    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3]).bfloat16().float()
+    results = {}
+    for name, v in (("mixed", value16), ("float", value16.float())):
+        leaves = [t.clone().requires_grad_() for t in (v, locations, weights)]
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+        results[name] = (out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+    mixed, single = results["mixed"], results["float"]
+    assert [t.dtype for t in mixed] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for a, b in zip(mixed[:2], single[:2]):
+        torch.testing.assert_close(a.float(), b, rtol=2**-8, atol=2**-8 * float(b.abs().max()))
+    for a, b in zip(mixed[2:], single[2:]):
+        # Same float32 arithmetic on the same (exactly converted) inputs: float32 rounding at most.
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))

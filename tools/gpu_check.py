@@ -2,29 +2,36 @@
 """GPU readiness check: the one command to run on a GPU machine.
 
     python tools/gpu_check.py                          # with CUDA: all parts; without: the emulated kernel checks
+    python tools/gpu_check.py --output-dir "$OUT/gpu_check"   # a machine that returns only one folder
     python tools/gpu_check.py --output-dir out --budget-s 480 --parts build op_tests op_bench
     python tools/gpu_check.py --device cpu --tiny      # dry run of the GPU parts' code on the CPU (CI)
 
-Parts, in this order; each runs in its own subprocess (a crashed CUDA context
-or a hang cannot take the rest down) with its own time budget, cut to what is
-left of --budget-s. A part that would overrun is skipped with a note, and a
-part that runs over its budget is stopped and reported as skipped (timed out):
+Parts, in this order (by value: what a short GPU loan must see first); each runs in
+its own subprocess and process group (a crashed CUDA context or a hang cannot take
+the rest down, and a part stopped on its timeout is killed with every child it
+started: nvcc, ninja, torchrun workers) with its own time budget, cut to what is
+left of --budget-s; the budgets add up to the default total. A part that would
+overrun is skipped with a note, and a part that runs over its budget is stopped
+and reported as skipped (timed out). Every check raises explicitly (no assert), and
+the tool refuses to start under python -O / PYTHONOPTIMIZE, which would strip the
+asserts of anything it imports:
 
   build        build the operator for the local GPU (the emulation harness builds alongside)
   op_tests     the op on the GPU vs the CPU op, the reference and the emulation: fp64 / fp32,
-               gradcheck fp64, fp16 / bf16 accumulation, non-contiguous inputs, the deterministic
+               gradcheck fp64, torch.library.opcheck, fp16 / bf16 accumulation, non-contiguous
+               inputs, encoder-scale gradients vs the pure-PyTorch path, the deterministic
                backward bitwise twice, offsets beyond 2^31 elements, a second GPU if present
-  emulation    the CUDA kernels' own code run on the CPU (detr_deform.ops.kernel_checks)
   op_bench     op forward and forward+backward vs the pure-PyTorch path, encoder and decoder
-               scale, fp32 and bf16; cost of the deterministic backward
-  ddp          one NCCL DDP training step through torchrun (1 process) vs a plain step
+               scale, fp32 and bf16 (results and gradients checked); cost of the deterministic backward
   model_bench  R50 (plain; two-stage + box refinement), 800x1066: training step time and peak
                memory at batch 2 in fp32 / AMP fp16 / bf16, inference images/s at batch 1 and 8;
                DAT-T's training step
   train_demo   the demo trained for 300 steps through tools/train.py: the loss must fall as on CPU
+  emulation    the CUDA kernels' own code run on the CPU (detr_deform.ops.kernel_checks; CI runs it too)
+  ddp          one NCCL DDP training step through torchrun (1 process) vs a plain step
   compile      torch.compile of the demo-size model: same outputs as eager, a training step
 
-Without CUDA only "emulation" runs and every GPU part is listed as skipped.
+Without CUDA only "emulation" runs (with all of --budget-s) and every GPU part is listed as skipped.
 --device cpu --tiny runs the GPU parts' code on the CPU at tiny sizes (gloo for
 DDP, the "eager" compile backend), in this process and without per-part
 budgets, so that only the CUDA-specific calls remain untested. Writes results.md and results.json into --output-dir (default
@@ -39,6 +46,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -71,16 +79,20 @@ class Part:
     needs_gpu: bool = True
 
 
+# Budgets add up to the default --budget-s (480 s = 8 min). They are estimates for one H200 with
+# 16 cores (no GPU run yet): the build compiles for the visible GPU only (one architecture), the
+# emulation runs on the CPU and is also run by CI, so it comes late.
 PARTS = [
-    Part("build", 200, 60),
-    Part("op_tests", 90, 20),
-    Part("emulation", 90, 20, needs_gpu=False),
-    Part("op_bench", 60, 20),
-    Part("ddp", 60, 20),
-    Part("model_bench", 120, 40),
-    Part("train_demo", 110, 50),
-    Part("compile", 90, 40),
+    Part("build", 90, 40),
+    Part("op_tests", 60, 20),
+    Part("op_bench", 50, 20),
+    Part("model_bench", 90, 40),
+    Part("train_demo", 70, 40),
+    Part("emulation", 40, 10, needs_gpu=False),
+    Part("ddp", 30, 15),
+    Part("compile", 50, 30),
 ]
+DEFAULT_BUDGET_S = 480.0
 PART_NAMES = [part.name for part in PARTS]
 
 
@@ -198,12 +210,15 @@ def run_part_subprocess(part: Part, args: argparse.Namespace, timeout: float, ou
         command += ["--emulation-checks", *args.emulation_checks]
     results_path = output_dir / f"part_{part.name}.json"
     log_path = output_dir / f"part_{part.name}.log"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # Its own session = its own process group: on a timeout the whole group goes (nvcc, ninja,
+    # torchrun and its workers), so nothing the part started keeps running into the next part.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               start_new_session=True)
     timed_out = threading.Event()
 
     def stop() -> None:
         timed_out.set()
-        process.kill()
+        kill_group(process)
 
     # A little grace beyond the part's budget for the interpreter to start and finish.
     watchdog = threading.Timer(timeout + 20, stop)
@@ -215,6 +230,7 @@ def run_part_subprocess(part: Part, args: argparse.Namespace, timeout: float, ou
                 print(line, end="", flush=True)
     process.wait()
     watchdog.cancel()
+    kill_group(process)  # anything the part left behind (its group outlives it)
     extra: list[Result] = []
     if timed_out.is_set():
         extra.append(Result(part.name, "process", "skipped",
@@ -226,6 +242,14 @@ def run_part_subprocess(part: Part, args: argparse.Namespace, timeout: float, ou
                             data={"log_tail": log_path.read_text()[-2000:]}))
     results = [Result(**r) for r in json.loads(results_path.read_text())] if results_path.exists() else []
     return results + extra
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to the process group that ``process`` leads (started with start_new_session=True)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is already gone
+        pass
 
 
 def run_part_in_process(part: Part, args: argparse.Namespace, budget_s: float, output_dir: Path) -> list[Result]:
@@ -272,12 +296,20 @@ def start_background_builds(args: argparse.Namespace, parts: list[Part], output_
     """The emulation harness compiles with g++ while nvcc compiles the op (builds share a lock per directory)."""
     if args.device != "cuda" or not any(p.name in ("emulation", "op_tests") for p in parts):
         return None
-    log = open(output_dir / "emulation_build.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "detr_deform.ops", "build", "--emulation"], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(output_dir / "emulation_build.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "detr_deform.ops", "build", "--emulation"], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+OPTIMIZE_REFUSAL = ("error: tools/gpu_check.py refuses to run under python -O / PYTHONOPTIMIZE: it would strip "
+                    "the assert statements of everything the checks import; run it without -O and with "
+                    "PYTHONOPTIMIZE unset")
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.flags.optimize:
+        print(OPTIMIZE_REFUSAL, file=sys.stderr)
+        return 2
     args = parse_args(argv)
     if args.command == "_part":
         return child_main(args)
@@ -307,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             # (the subprocess path is what every non-dry run, with or without a GPU, uses).
             results += run_part_in_process(part, args, left, output_dir)
         else:
-            results += run_part_subprocess(part, args, min(part.budget_s, left), output_dir)
-    if background is not None and background.poll() is None:
-        background.kill()
+            # Without a GPU the emulation is the only part: it may use all of the budget.
+            budget = left if args.device == "none" else min(part.budget_s, left)
+            results += run_part_subprocess(part, args, budget, output_dir)
+    if background is not None:
+        kill_group(background)
     return write_report(results, args, output_dir, time.monotonic() - start)
 
 
@@ -379,8 +413,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "none"],
                         help="auto: cuda if available, else only the emulated checks; cpu: dry run (needs --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (dry runs of the GPU parts on the CPU)")
-    parser.add_argument("--output-dir", help="default: outputs/gpu_check/<timestamp>")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="total time budget in seconds (default 480)")
+    parser.add_argument("--output-dir", help="where results.md / results.json and the part logs go (default: "
+                        "outputs/gpu_check/<timestamp>, which git ignores; on a machine that returns one folder, "
+                        "e.g. --output-dir \"$OUT/gpu_check\")")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"total time budget in seconds (default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--parts", nargs="+", choices=PART_NAMES, help="run only these parts")
     parser.add_argument("--emulation-checks", nargs="+", metavar="NAME",
                         help="only these checks of detr_deform.ops.kernel_checks (default: all)")

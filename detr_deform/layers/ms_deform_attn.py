@@ -107,6 +107,33 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(
             batch, num_query, self.n_heads, self.n_levels, self.n_points
         )
+        sampling_locations = self._sampling_locations(reference_points, sampling_offsets, input_spatial_shapes)
+        if self.keep_sampling:
+            self.last_sampling_locations = sampling_locations.detach()
+            self.last_attention_weights = attention_weights.detach()
+            self.last_reference_points = reference_points.detach()
+            self.last_spatial_shapes = input_spatial_shapes.detach()
+        # Under autocast value is fp16/bf16 (from value_proj) and the locations float32: the op takes
+        # that mix as it is (its half-precision kernels, float32 accumulation). Otherwise one dtype.
+        mixed = value.dtype in (torch.float16, torch.bfloat16) and sampling_locations.dtype == torch.float32
+        output = ms_deform_attn(
+            value.to(sampling_locations.dtype) if value.dtype != sampling_locations.dtype and not mixed else value,
+            input_spatial_shapes,
+            input_level_start_index,
+            sampling_locations,
+            attention_weights.to(sampling_locations.dtype),
+            impl=self.impl,
+        )
+        return self.output_proj(output)
+
+    def _sampling_locations(self, reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+                            input_spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """reference_points (N, Lq, L, 2 | 4), sampling_offsets (N, Lq, M, L, P, 2) in pixels of their
+        level -> sampling locations (N, Lq, M, L, P, 2), normalised (x, y)."""
+        # Sampling locations in the reference points' precision (float32 under autocast, where the
+        # Linear gives bf16/fp16 offsets): a bf16 location is ~0.4 px off on a 100-px map. Without
+        # autocast both are float32 already and nothing changes.
+        sampling_offsets = sampling_offsets.to(reference_points.dtype)
         if reference_points.shape[-1] == 2:
             # Offsets are (x, y) in pixels of their level, hence the (W, H) normaliser.
             # Cast explicitly (same values): the ONNX exporter would otherwise promote to float64.
@@ -126,17 +153,4 @@ class MSDeformAttn(nn.Module):
                 "MSDeformAttn: reference_points must end in 2 (points) or 4 (boxes), got shape "
                 f"{tuple(reference_points.shape)}"
             )
-        if self.keep_sampling:
-            self.last_sampling_locations = sampling_locations.detach()
-            self.last_attention_weights = attention_weights.detach()
-            self.last_reference_points = reference_points.detach()
-            self.last_spatial_shapes = input_spatial_shapes.detach()
-        output = ms_deform_attn(
-            value.to(sampling_locations.dtype) if value.dtype != sampling_locations.dtype else value,
-            input_spatial_shapes,
-            input_level_start_index,
-            sampling_locations,
-            attention_weights.to(sampling_locations.dtype),
-            impl=self.impl,
-        )
-        return self.output_proj(output)
+        return sampling_locations

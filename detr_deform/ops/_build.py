@@ -16,7 +16,11 @@ Environment variables:
                             of the CPU's feature flags so a home directory shared
                             by different machines never loads a foreign build).
                             Set e.g. x86-64-v2 for a portable build.
-    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (torch's variable).
+    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for, e.g. "8.0;9.0". Unset: the
+                            visible GPUs' (clamped to what this torch supports), or
+                            8.0;9.0;10.0 without a GPU (A100, H100/H200, B200). The
+                            highest entry always gets +PTX, so newer GPUs can JIT the
+                            kernels; the build cache is keyed on the resulting list.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +41,10 @@ CUDA_SOURCE_FILES = ("ms_deform_attn_cuda.cu",)
 # The CPU emulation of the CUDA kernels (tests only): the harness plus the input checks it shares with the op.
 EMULATION_SOURCE_FILES = ("cuda_emulation.cpp", "ms_deform_attn_checks.cpp")
 EMULATION_LIBRARY = "detr_deform_cuda_emulation"
+# Without TORCH_CUDA_ARCH_LIST and without a visible GPU: Ampere (A100), Hopper (H100/H200) and
+# Blackwell (B200) SASS, plus PTX of the highest so that later GPUs can JIT-compile the kernels.
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0", "10.0")
+_ARCH_PATTERN = re.compile(r"(\d+)\.(\d+)(a?)(\+PTX)?")
 
 
 class OpsBuildError(DetrDeformError, RuntimeError):
@@ -98,11 +107,73 @@ def _cpu_tag() -> str:
     return f"{target}-{digest}" if target == "native" else target
 
 
+def _visible_gpu_archs() -> list[str]:
+    """The visible GPUs' compute capabilities, clamped to the highest this torch was built for."""
+    if not torch.cuda.is_available():
+        return []
+    built = [int(a.split("_")[1].rstrip("a")) for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+    ceiling = max(((sm // 10, sm % 10) for sm in built), default=(99, 9))
+    archs = {min(torch.cuda.get_device_capability(i), ceiling) for i in range(torch.cuda.device_count())}
+    return [f"{major}.{minor}" for major, minor in sorted(archs)]
+
+
+def cuda_arch_list() -> list[str]:
+    """The GPU architectures the CUDA flavour is compiled for, e.g. ["8.0", "9.0", "10.0+PTX"].
+
+    From TORCH_CUDA_ARCH_LIST (";" or space separated, "+PTX" allowed on any entry), else the visible
+    GPUs', else DEFAULT_CUDA_ARCHS; the highest entry always carries +PTX. Raises OpsBuildError naming
+    the variable and the entry it cannot read.
+    """
+    text = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if text and text != "native":
+        entries = [entry for entry in re.split(r"[;\s]+", text) if entry]
+        for entry in entries:
+            if not _ARCH_PATTERN.fullmatch(entry):
+                raise OpsBuildError(
+                    f"TORCH_CUDA_ARCH_LIST={text!r}: cannot read {entry!r}; give compute capabilities such as "
+                    "'8.0;9.0;10.0' (a trailing '+PTX' is allowed), or unset it for the default 8.0;9.0;10.0+PTX")
+    else:
+        entries = _visible_gpu_archs() or list(DEFAULT_CUDA_ARCHS)
+
+    def key(entry: str) -> tuple[int, int, str]:
+        major, minor, suffix, _ = _ARCH_PATTERN.fullmatch(entry).groups()
+        return int(major), int(minor), suffix
+
+    archs: dict[tuple[int, int, str], bool] = {}  # (major, minor, "a"?) -> with PTX
+    for entry in entries:
+        archs[key(entry)] = archs.get(key(entry), False) or entry.endswith("+PTX")
+    highest = max(archs)
+    archs[highest] = True
+    return [f"{major}.{minor}{suffix}{'+PTX' if ptx else ''}" for (major, minor, suffix), ptx in sorted(archs.items())]
+
+
+def cuda_arch_flags(archs: list[str]) -> list[str]:
+    """nvcc -gencode flags: SASS for every entry, PTX for the +PTX ones."""
+    flags = []
+    for entry in archs:
+        major, minor, suffix, ptx = _ARCH_PATTERN.fullmatch(entry).groups()
+        number = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def _arch_tag(archs: list[str]) -> str:
+    """Short, path-safe name of an architecture list: sm80.90.100+ptx100."""
+    numbers = [entry.split("+")[0].replace(".", "") for entry in archs]
+    ptx = [entry.split("+")[0].replace(".", "") for entry in archs if entry.endswith("+PTX")]
+    return "sm" + ".".join(numbers) + ("-ptx" + ".".join(ptx) if ptx else "")
+
+
 def build_dir(with_cuda: bool, flavour: str | None = None) -> Path:
-    """Cache directory of one build flavour: cuXYZ, cpu, or another name (e.g. the emulation harness)."""
+    """Cache directory of one build flavour: cuXYZ-<architectures>, cpu, or another name (e.g. the
+    emulation harness). The CUDA flavour is keyed on the architecture list, so changing
+    TORCH_CUDA_ARCH_LIST (or the GPU) never loads a library built for other GPUs."""
     root = Path(os.environ.get("DETR_DEFORM_BUILD_DIR", Path.home() / ".cache" / "detr_deform" / "ops"))
     if flavour is None:
-        flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+        flavour = (f"cu{torch.version.cuda.replace('.', '')}-{_arch_tag(cuda_arch_list())}" if with_cuda
+                   else "cpu")
     tag = (f"torch{torch.__version__.split('+')[0]}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
            f"-{_cpu_tag()}")
     return root / tag
@@ -159,11 +230,33 @@ def _check_toolchain(with_cuda: bool) -> None:
             )
 
 
+def _first_error_line(text: str) -> str:
+    """The compiler's first error line (``file.cu(42): error: ...``, ``file.cpp:3:1: error: ...``),
+    else the last line that is not ninja's summary."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"(^|[\s:)])(fatal )?error( #?\w+-?\w*)?:", line, re.IGNORECASE):
+            return line[:300]
+    rest = [line for line in lines if not line.startswith(("ninja:", "FAILED:"))]
+    return (rest or lines or ["no compiler output"])[-1][:300]
+
+
+def _compiler_name(with_cuda: bool) -> str:
+    """What a failed build names: nvcc (path, version) and the architectures, or the C++ compiler."""
+    if not with_cuda:
+        return os.environ.get("CXX", "c++")
+    home = _cpp_extension().CUDA_HOME or "?"
+    return f"nvcc ({Path(home) / 'bin' / 'nvcc'}, CUDA {torch.version.cuda}) for {';'.join(cuda_arch_list())}"
+
+
 def _compile_and_load(name: str, sources: list[str], directory: Path, with_cuda: bool, cflags: list[str],
                       ldflags: list[str], verbose: bool, what: str = "the compiled MSDeformAttn operator",
                       rebuild: str = "python -m detr_deform.ops build --verbose",
-                      fallback: str = "; or pass impl='pytorch' to use the pure-PyTorch path") -> Path:
-    """cpp_extension.load into ``directory``; every failure becomes an OpsBuildError with the fix."""
+                      fallback: str = "; or pass impl='pytorch' (model.attn_impl=pytorch) to use the pure-PyTorch "
+                                      "path", cuda_cflags: list[str] | None = None) -> Path:
+    """cpp_extension.load into ``directory``; every failure becomes a one-line OpsBuildError naming the
+    compiler (for CUDA: nvcc and the architectures), its first error, the full log (build.log in the
+    build directory) and the fix."""
     cpp_extension = _cpp_extension()
     sources_root = source_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -173,7 +266,10 @@ def _compile_and_load(name: str, sources: list[str], directory: Path, with_cuda:
             sources=sources,
             extra_cflags=cflags,
             extra_ldflags=ldflags,
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+            # A host function called from device code compiles (with a warning) to a kernel that does
+            # nothing: an error instead.
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "--Werror=cross-execution-space-call",
+                               *(cuda_cflags or [])],
             extra_include_paths=[str(sources_root)] + (_cuda_include_dirs() if with_cuda else []),
             build_directory=str(directory),
             with_cuda=with_cuda,
@@ -181,10 +277,16 @@ def _compile_and_load(name: str, sources: list[str], directory: Path, with_cuda:
             verbose=verbose,
         )
     except Exception as error:  # compiler and loader failures come in many types
+        text = f"{type(error).__name__}: {error}"
+        log = directory / "build.log"
+        try:
+            log.write_text(text + "\n")
+            where = f"full log: {log}"
+        except OSError as log_error:
+            where = f"(the log could not be written to {log}: {log_error.strerror})"
         raise OpsBuildError(
-            f"building/loading {what} failed ({type(error).__name__}: "
-            f"{str(error).strip()[-2000:]}).\nBuild directory: {directory}. Rebuild with verbose output using "
-            f"`{rebuild}`; delete that directory if a previous build was interrupted{fallback}."
+            f"building/loading {what} with {_compiler_name(with_cuda)} failed: {_first_error_line(text)}; "
+            f"{where}; rebuild with `{rebuild}` (delete {directory} if a previous build was interrupted){fallback}"
         ) from error
     return directory / f"{name}.so"
 
@@ -202,20 +304,26 @@ def build_and_load(with_cuda: bool | None = None, verbose: bool = False) -> Path
         sources += [str(sources_root / name) for name in CUDA_SOURCE_FILES]
     name = "detr_deform_ops_cuda" if with_cuda else "detr_deform_ops_cpu"
     return _compile_and_load(name, sources, build_dir(with_cuda), with_cuda,
-                             ["-O3", "-fopenmp", f"-march={cpu_target()}"], ["-fopenmp"], verbose)
+                             ["-O3", "-fopenmp", f"-march={cpu_target()}"], ["-fopenmp"], verbose,
+                             cuda_cflags=cuda_arch_flags(cuda_arch_list()) if with_cuda else None)
 
 
-def build_and_load_emulation(verbose: bool = False) -> Path:
+def build_and_load_emulation(verbose: bool = False, trace: bool = False) -> Path:
     """Compiles (if needed) and loads the CPU emulation of the CUDA kernels
     (torch.ops.detr_deform_emulation.*) with the normal C++ compiler; no nvcc.
 
     -O2 on the baseline target, without -ffast-math and without contracting a*b+c
     into FMAs (-ffp-contract=off): plain IEEE arithmetic, the same on every host.
     nvcc does contract, so emulated and GPU results agree to rounding, not bitwise.
+    ``trace``: the flavour with the global-memory trace of tools/kernel_report.py (-DDD_TRACE_MEMORY;
+    its own library and cache directory; never load both flavours in one process).
     """
     _check_toolchain(with_cuda=False)
     sources_root = source_dir()
     sources = [str(sources_root / name) for name in EMULATION_SOURCE_FILES]
-    return _compile_and_load(EMULATION_LIBRARY, sources, build_dir(False, flavour="cuda-emulation"), False,
-                             ["-O2", "-ffp-contract=off"], [], verbose, what="the CPU emulation of the CUDA kernels",
+    name, flavour = (EMULATION_LIBRARY + "_trace", "cuda-emulation-trace") if trace else (EMULATION_LIBRARY,
+                                                                                          "cuda-emulation")
+    flags = ["-O2", "-ffp-contract=off"] + (["-DDD_TRACE_MEMORY"] if trace else [])
+    return _compile_and_load(name, sources, build_dir(False, flavour=flavour), False, flags, [], verbose,
+                             what="the CPU emulation of the CUDA kernels",
                              rebuild="python -m detr_deform.ops build --emulation --verbose", fallback="")

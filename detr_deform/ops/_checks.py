@@ -68,9 +68,10 @@ def _check_ranks_and_sizes(value, spatial_shapes, level_start_index, sampling_lo
 def _check_dtypes_and_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
     if not value.is_floating_point():
         raise TypeError(f"ms_deform_attn: value must be floating point, got {value.dtype}")
-    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
+    if not dtypes_supported(value.dtype, sampling_locations.dtype, attention_weights.dtype):
         raise TypeError(
-            "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got "
+            "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype (or a float16 / "
+            "bfloat16 value with float32 sampling_locations and attention_weights), got "
             f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}"
         )
     if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
@@ -83,6 +84,14 @@ def _check_dtypes_and_devices(value, spatial_shapes, level_start_index, sampling
     if len(set(devices)) != 1:
         listing = ", ".join(f"{name} on {device}" for name, device in zip(ARGUMENT_NAMES, devices))
         raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {listing}")
+
+
+def dtypes_supported(value: torch.dtype, locations: torch.dtype, weights: torch.dtype) -> bool:
+    """One dtype for all three, or mixed precision: a float16 / bfloat16 value with float32 locations and
+    weights (what autocast produces; accumulation is in float32 either way)."""
+    if weights != locations:
+        return False
+    return locations == value or (value in (torch.float16, torch.bfloat16) and locations == torch.float32)
 
 
 def check_level_layout(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> None:

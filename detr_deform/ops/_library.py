@@ -18,13 +18,14 @@ from detr_deform.ops._checks import check_metadata
 
 _lock = threading.Lock()
 _loaded = False
+_library_path = None
 _load_error: OpsBuildError | None = None
 _warned_unavailable = False
 
 
 def load_compiled_op() -> None:
     """Builds/loads the compiled operator once per process; raises OpsBuildError on failure."""
-    global _loaded, _load_error
+    global _loaded, _load_error, _library_path
     if _loaded:
         return
     with _lock:
@@ -33,12 +34,30 @@ def load_compiled_op() -> None:
         if _load_error is not None:
             raise _load_error
         try:
-            build_and_load()
+            _library_path = build_and_load()
         except OpsBuildError as error:
             _load_error = error
             raise
         _register_python_parts()
         _loaded = True
+
+
+def compiled_op_has_cuda() -> bool:
+    """Whether the loaded operator library is the CUDA flavour (False before loading)."""
+    return _library_path is not None and _library_path.name == "detr_deform_ops_cuda.so"
+
+
+def compiled_op_description() -> str:
+    """What the loaded operator is: its library and, for the CUDA flavour, the architectures it holds."""
+    if _library_path is None:
+        return "the compiled kernels (not loaded yet)"
+    flavour = "CUDA and CPU" if _library_path.name == "detr_deform_ops_cuda.so" else "CPU"
+    archs = ""
+    if flavour != "CPU":
+        from detr_deform.ops._build import cuda_arch_list
+
+        archs = f" for {';'.join(cuda_arch_list())}"
+    return f"the compiled {flavour} kernels ({_library_path}{archs})"
 
 
 def compiled_op_available() -> bool:
@@ -68,7 +87,9 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
 
 def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                    deterministic=False):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    # Contiguous, in each input's dtype, like the real kernels (empty_like would copy a strided input's strides).
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -2,7 +2,8 @@
 
 Each check runs the CUDA kernels' own code (:mod:`detr_deform.ops.emulation`)
 and compares it with the pure-PyTorch reference, or with itself under other
-thread orders / launch configurations; it raises AssertionError with a message
+thread orders / launch configurations; it raises CheckFailed (an AssertionError, raised
+explicitly through ``require`` so that ``python -O`` cannot remove it) with a message
 on failure and returns a one-line note on success. ``CHECKS`` maps names to
 checks; tests/test_ms_deform_attn_emulated.py runs every one of them, and so
 does ``python tools/gpu_check.py`` (part "emulation").
@@ -26,6 +27,7 @@ import torch
 
 from detr_deform.ops import emulation
 from detr_deform.ops.reference import ms_deform_attn_pytorch
+from detr_deform.utils.require import require
 
 GRAD_NAMES = ("output", "grad_value", "grad_locations", "grad_weights")
 HALF_TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -89,30 +91,58 @@ Runner = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def emulated(inputs: tuple[torch.Tensor, ...], *, deterministic: bool = False, shuffle_seed: int = 0,
-             max_blocks: int | None = None, wide_keys: bool = False) -> tuple[torch.Tensor, ...]:
+             max_blocks: int | None = None, wide_keys: bool = False, wide_index: bool = False,
+             narrow_vectors: bool = False) -> tuple[torch.Tensor, ...]:
     """(output, grad_value, grad_locations, grad_weights) of the emulated CUDA kernels; also checks
     that every launch ran every (block, thread) of the configuration the driver computed."""
     value, shapes, starts, locations, weights, grad_output = inputs
     out = emulation.emulated_forward(value, shapes, starts, locations, weights, shuffle_seed=shuffle_seed,
-                                     max_blocks=max_blocks)
+                                     max_blocks=max_blocks, wide_index=wide_index, narrow_vectors=narrow_vectors)
     _check_launches(["forward"] if out.numel() else [], {"forward": out.numel()}, max_blocks)
     grads = emulation.emulated_backward(grad_output, value, shapes, starts, locations, weights,
                                         deterministic=deterministic, shuffle_seed=shuffle_seed,
                                         max_blocks=max_blocks, wide_keys=wide_keys)
     samples = weights.numel()
-    expected = (["backward", "gather"] if deterministic else ["backward"]) if samples else []
-    _check_launches(expected, {"backward": samples}, max_blocks)
+    if not deterministic:
+        chunks = [samples] if samples else []
+    else:  # one backward + gather pair per sort chunk
+        per_chunk = emulation.sort_chunk_entries(wide_keys) // 4
+        chunks = [min(per_chunk, samples - first) for first in range(0, samples, per_chunk)]
+    _check_launches(["backward", "gather"] * len(chunks) if deterministic else ["backward"] * len(chunks),
+                    {"backward": chunks}, max_blocks, channels=value.shape[-1])
     return (out, *grads)
 
 
-def _check_launches(expected: list[str], work: dict[str, int], max_blocks: int | None) -> None:
+def lanes_per_sample(channels: int) -> int:
+    """Backward lanes per sample: D rounded up to a power of two, at most 32 (cuda_kernels.h)."""
+    return min(32, 1 << max(0, channels - 1).bit_length())
+
+
+def _check_launches(expected: list[str], work: dict[str, int], max_blocks: int | None, channels: int = 1) -> None:
+    """Every launch ran all its threads, with the configuration launch_config gives for its work: the
+    forward one thread per V channels (V from the launch's variant), the backward whole warps of
+    32 / G samples each."""
     launches = emulation.last_launches()
-    assert [launch.kernel for launch in launches] == expected, f"launched {launches}, expected {expected}"
+    require([launch.kernel for launch in launches] == expected, f"launched {launches}, expected {expected}")
+    chunks = iter(work.get("backward", []))
+    samples = 0
     for launch in launches:
-        assert launch.bodies == launch.blocks * launch.threads, f"not every thread ran: {launch}"
-        if launch.kernel in work:
-            blocks, threads = emulation.launch_config(work[launch.kernel], max_blocks)
-            assert (launch.blocks, launch.threads) == (blocks, threads), f"{launch} != launch_config {blocks, threads}"
+        require(launch.bodies == launch.blocks * launch.threads, f"not every thread ran: {launch}")
+        if launch.kernel == "forward":
+            vector = int(launch.variant.split("v")[1])
+            threads = work["forward"] // vector
+        elif launch.kernel == "backward":
+            samples = next(chunks)
+            group = lanes_per_sample(channels)
+            require(launch.variant == f"g{group}", f"{launch}: expected {group} lanes per sample")
+            threads = 32 * -(-samples // (32 // group))
+            require(threads == emulation.backward_threads(samples, channels),
+                    f"backward_threads disagrees: {threads}")
+        else:  # gather: one thread per (entry of the chunk, channel)
+            threads = 4 * samples * channels
+        blocks, per_block = emulation.launch_config(threads, max_blocks)
+        require((launch.blocks, launch.threads) == (blocks, per_block),
+                f"{launch} != launch_config({threads}) = {blocks, per_block}")
 
 
 def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], dtype: torch.dtype,
@@ -122,7 +152,7 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
     worst = 0.0
     for name, a, b in zip(GRAD_NAMES, ours, ref):
         a, b = a.detach().cpu(), b.detach().cpu()  # either side may come from a GPU
-        assert a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}"
+        require(a.dtype == dtype and a.shape == b.shape, f"{what}: {name} is {a.dtype} {tuple(a.shape)}")
         scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
         rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5 * scale)
         if dtype in HALF_TOLERANCE:
@@ -144,6 +174,43 @@ def check_against_reference(case_name: str, dtype: torch.dtype, run: Runner = em
     return f"max error {worst:.1e} of the largest magnitude"
 
 
+def check_forward_variants() -> str:
+    """The forward's four variants (32/64-bit indices x one channel / 16 bytes per thread) each match
+    the reference on every case, and the driver picks 32-bit with vectors when D allows (else 1)."""
+    picked = []
+    for case_name, case in CASES.items():
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            inputs = make_inputs(case, dtype)
+            ref = reference(inputs)[0]
+            for wide_index in (False, True):
+                for narrow in (False, True):
+                    out = emulation.emulated_forward(*inputs[:5], wide_index=wide_index, narrow_vectors=narrow,
+                                                     shuffle_seed=5)
+                    variant = emulation.last_launches()[0].variant
+                    vector = 16 // torch.empty((), dtype=dtype).element_size()
+                    expected = ("i64" if wide_index else "i32") + (
+                        "v1" if narrow or case.channels % vector else f"v{vector}")
+                    require(variant == expected, f"{case_name} {dtype}: launched {variant}, expected {expected}")
+                    assert_close((out,), (ref,), dtype, f"{case_name} {variant}")
+            picked.append(f"{case_name}/{str(dtype)[6:]}: {expected.replace('i64', 'i32')}")
+    return f"all four variants match the reference; {len(picked)} case/dtype pairs"
+
+
+def check_channel_counts() -> str:
+    """Backward lanes per sample follow D (8, 16, 32 lanes; 64 channels: 32 lanes, 2 channels each),
+    against the reference with shuffled warp and lane orders, points outside the map included."""
+    notes = []
+    for channels in (8, 16, 32, 64):
+        case = replace(CASES["odd_multi_level"], channels=channels, heads=2, queries=23)
+        inputs = make_inputs(case, torch.float32)
+        ref = reference(inputs)
+        for deterministic in (False, True):
+            ours = emulated(inputs, deterministic=deterministic, shuffle_seed=7)
+            assert_close(ours, ref, torch.float32, f"D={channels} deterministic={deterministic}")
+        notes.append(f"D={channels}: {lanes_per_sample(channels)} lanes")
+    return "; ".join(notes)
+
+
 def check_grid_stride() -> str:
     """With the block cap lowered to 3 blocks every kernel's grid-stride loop iterates: same results."""
     inputs = make_inputs(CASES["odd_multi_level"], torch.float32)
@@ -156,7 +223,9 @@ def check_grid_stride() -> str:
         # order of atomic adds may differ.
         same = GRAD_NAMES if deterministic else ("output", "grad_locations", "grad_weights")
         for name, a, b in zip(GRAD_NAMES, full, capped):
-            assert name not in same or torch.equal(a, b), f"deterministic={deterministic}: {name} changed with 3 blocks"
+            require(
+                name not in same or torch.equal(a, b),
+                f"deterministic={deterministic}: {name} changed with 3 blocks")
     iterations = -(-inputs[4].numel() // (3 * 256))
     return f"backward threads ran {iterations} grid-stride iterations; results unchanged"
 
@@ -173,13 +242,14 @@ def check_shuffled_thread_order() -> str:
         assert_close(ours, ref, torch.float32, f"deterministic={det} seed={seed}")
         for name, a, b in zip(GRAD_NAMES, ours, runs[(det, 0)]):
             if det or name != "grad_value":
-                assert torch.equal(a, b), f"deterministic={det} seed={seed}: {name} not bitwise equal to seed 0"
+                require(torch.equal(a, b), f"deterministic={det} seed={seed}: {name} not bitwise equal to seed 0")
     # The two backward paths directly: equal to fp32 rounding (not only each to the float64 reference).
     assert_close(runs[(True, 0)], tuple(t.double() for t in runs[(False, 0)]), torch.float32,
                  "deterministic vs atomic")
     atomic = [runs[(False, seed)][1] for seed in (0, 1, 2)]
-    assert not torch.equal(atomic[1], atomic[2]), \
-        "the atomic value gradient is bitwise equal for seeds 1 and 2: the shuffle had no effect"
+    require(
+        not torch.equal(atomic[1], atomic[2]),
+        "the atomic value gradient is bitwise equal for seeds 1 and 2: the shuffle had no effect")
     changed = int((atomic[1] != atomic[2]).sum())
     return (f"atomic grad_value: {changed} of {atomic[1].numel()} elements differ between seeds 1 and 2; "
             "deterministic: bitwise equal for seeds 0, 1, 2 and equal to the atomic path to fp32 rounding")
@@ -197,22 +267,31 @@ def check_global_deterministic_flag() -> str:
             grads = emulation.emulated_backward(grad_output, value, shapes, starts, locations, weights,
                                                 deterministic=False, shuffle_seed=seed)
             kernels = [launch.kernel for launch in emulation.last_launches()]
-            assert kernels == ["backward", "gather"], f"global deterministic mode launched {kernels}"
+            require(kernels == ["backward", "gather"], f"global deterministic mode launched {kernels}")
             for name, a, b in zip(GRAD_NAMES[1:], grads, explicit[1:]):
-                assert torch.equal(a, b), f"global deterministic mode, seed {seed}: {name} differs"
+                require(torch.equal(a, b), f"global deterministic mode, seed {seed}: {name} differs")
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     return "deterministic=False under the global mode ran the keyed + gather kernels, bitwise as deterministic=True"
 
 
 def check_wide_keys() -> str:
-    """The 64-bit sort keys (used when N*S*M >= 2^31) give bitwise the 32-bit keys' result."""
+    """More entries than one sort takes (2^22 on the GPU; simulated by the wide-key switch, which makes
+    the emulation sort chunks of 62 entries: ~50 chunks here): the location and weight gradients are
+    bitwise those of one chunk, grad_value (summed chunk by chunk) equal to fp32 rounding and bitwise
+    equal between thread orders. The device op cannot be forced into small chunks, so the GPU meets
+    several chunks only at real scale (> 2^20 samples, e.g. the encoder at batch 1): emulation-only."""
     inputs = make_inputs(CASES["encoder_like"], torch.float32)
-    narrow = emulated(inputs, deterministic=True)
-    wide = emulated(inputs, deterministic=True, wide_keys=True, shuffle_seed=3)
-    for name, a, b in zip(GRAD_NAMES, narrow, wide):
-        assert torch.equal(a, b), f"wide keys: {name} differs"
-    return "bitwise equal"
+    one = emulated(inputs, deterministic=True)
+    chunked = [emulated(inputs, deterministic=True, wide_keys=True, shuffle_seed=seed) for seed in (3, 4)]
+    for name, a, b, c in zip(GRAD_NAMES, one, *chunked):
+        require(torch.equal(b, c), f"chunked: {name} differs between thread orders")
+        if name != "grad_value":
+            require(torch.equal(a, b), f"chunked: {name} differs from one chunk")
+    assert_close(chunked[0], tuple(t.double() for t in one), torch.float32, "chunked vs one chunk")
+    assert_close(chunked[0], reference(inputs), torch.float32, "chunked vs reference")
+    chunks = -(-inputs[4].numel() // (emulation.sort_chunk_entries(True) // 4))
+    return f"{chunks} sort chunks: bitwise run to run, equal to one chunk and to the reference"
 
 
 def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -233,11 +312,11 @@ def check_half_accumulation(dtype: torch.dtype, run: Runner = emulated) -> str:
     for deterministic in (False, True):
         ours = tuple(t.cpu() for t in run(inputs, deterministic=deterministic))
         for name, a, b in zip(GRAD_NAMES, ours, exact):
-            assert a.dtype == dtype, f"{name} is {a.dtype}"
+            require(a.dtype == dtype, f"{name} is {a.dtype}")
             if name == "grad_locations":
                 continue
             excess = ((a.double() - b).abs() / _ulp(b, dtype)).max()
-            assert excess <= 1.0, f"deterministic={deterministic}: {name} is {float(excess):.1f} ulp from exact"
+            require(excess <= 1.0, f"deterministic={deterministic}: {name} is {float(excess):.1f} ulp from exact")
         single = run(tuple(t.float() if t.is_floating_point() else t for t in inputs), deterministic=deterministic)
         tol = HALF_TOLERANCE[dtype]
         scale = float(single[2].abs().max())
@@ -250,15 +329,42 @@ def check_half_accumulation(dtype: torch.dtype, run: Runner = emulated) -> str:
     return "output, grad_value, grad_weights within 1 ulp of exact; all four within tolerance of float32"
 
 
+def check_mixed_precision(dtype: torch.dtype, run: Runner = emulated) -> str:
+    """A float16 / bfloat16 value with float32 locations and weights (what autocast gives the layer):
+    output and grad_value in value's dtype, grad_locations and grad_weights in float32; all four equal
+    to the float32 kernels run on the same (already rounded) value and grad_output, to the half type's
+    rounding for the first two (HALF_TOLERANCE) and to float32 rounding for the location and weight
+    gradients (their only half-precision inputs, value and grad_output, are exact in float32)."""
+    base = make_inputs(CASES["encoder_like"], torch.float32)
+    value, grad_output = base[0].to(dtype), base[5].to(dtype)
+    mixed = (value, *base[1:5], grad_output)
+    as_float = (value.float(), *base[1:5], grad_output.float())
+    for deterministic in (False, True):
+        ours = tuple(t.cpu() for t in run(mixed, deterministic=deterministic))
+        single = tuple(t.cpu() for t in run(as_float, deterministic=deterministic))
+        for name, a, want in zip(GRAD_NAMES, ours, (dtype, dtype, torch.float32, torch.float32)):
+            require(a.dtype == want, f"deterministic={deterministic}: {name} is {a.dtype}, expected {want}")
+        assert_close(ours[:2], tuple(t.to(dtype).double() for t in single[:2]), dtype,
+                     f"mixed {dtype} deterministic={deterministic}")
+        for name, a, b in zip(GRAD_NAMES[2:], ours[2:], single[2:]):
+            scale = max(float(b.abs().max()), 1e-30)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+    return f"{str(dtype)[6:]} value + float32 locations: dtypes as specified, equal to the float32 kernels"
+
+
 def check_empty_inputs(run: Runner = emulated) -> str:
     """No queries, or batch 0: correctly shaped (zero) results (and, emulated, no kernel launch)."""
     for case in (replace(CASES["odd_multi_level"], queries=0), replace(CASES["odd_multi_level"], batch=0)):
         inputs = make_inputs(case, torch.float32)
         for deterministic in (False, True):
             out, grad_value, grad_locations, grad_weights = run(inputs, deterministic=deterministic)
-            assert out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape
-            assert grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0
-            assert grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape
+            require(out.shape == (case.batch, case.queries, case.heads * case.channels), out.shape)
+            require(
+                grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0,
+                'check failed: grad_value.shape == inputs[0].shape and torch.count_nonzero(grad_value) == 0')
+            require(
+                grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape,
+                'check failed: grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape')
     return "Lq = 0 and N = 0 work"
 
 
@@ -267,12 +373,15 @@ def check_launch_config() -> str:
     cap = 65535 * 8
     for work, blocks in ((0, 1), (1, 1), (256, 1), (257, 2), (1110, 5), (cap * 256, cap), (cap * 256 + 1, cap),
                          (2**40, cap)):
-        assert emulation.launch_config(work) == (blocks, 256), (work, emulation.launch_config(work))
-    assert emulation.launch_config(10_000, max_blocks=3) == (3, 256)
+        require(emulation.launch_config(work) == (blocks, 256), (work, emulation.launch_config(work)))
+    require(
+        emulation.launch_config(10_000, max_blocks=3) == (3, 256),
+        'check failed: emulation.launch_config(10_000, max_blocks=3) == (3, 256)')
     return "as ms_deform_attn_cuda.cu launches"
 
 
-def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tensor] | None = None) -> str:
+def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tensor] | None = None,
+                        wide_keys: bool = True) -> str:
     """Flat offsets beyond 2^31 elements: value (2, S, 2, 2) with a 16500 x 16500 first level, so that
     batch 1's other levels start past element 2^31. The big tensors are mmap(MAP_NORESERVE) zeros:
     only the small levels hold data and are sampled (level 0's samples lie outside the map); the
@@ -281,7 +390,7 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     small = ((5, 7), (3, 4), (1, 1))
     big = 16500 * 16500
     num_value = big + sum(h * w for h, w in small)
-    assert (num_value + big) * heads * channels > 2**31, "the case no longer needs 64-bit offsets"
+    require((num_value + big) * heads * channels > 2**31, "the case no longer needs 64-bit offsets")
     g = torch.Generator().manual_seed(0)
     cropped = make_inputs(Case(small, heads=heads, channels=channels, queries=queries, points=points), torch.float32)
     value = (zeros or emulation.huge_zeros)((2, num_value, heads, channels), torch.float32)
@@ -292,17 +401,25 @@ def check_large_offsets(run: Runner = emulated, zeros: Callable[..., torch.Tenso
     locations = torch.cat([outside, cropped[3]], 3)
     weights = torch.cat([torch.rand(2, queries, heads, 1, points, generator=g), cropped[4]], 3)
     ref = reference(cropped)
-    for deterministic, wide in ((False, False), (True, False), (True, True)):
+    if run is emulated:  # the forward must have fallen back to 64-bit indices
+        emulation.emulated_forward(value, shapes, starts, locations, weights)
+        variant = emulation.last_launches()[0].variant
+        require(variant.startswith("i64"), f"value of {value.numel()} elements ran the {variant} forward")
+    # wide_keys=False: the device op, which cannot be forced to 64-bit keys (emulation-only case).
+    variants = ((False, False), (True, False)) + (((True, True),) if wide_keys else ())
+    for deterministic, wide in variants:
         out, grad_value, grad_locations, grad_weights = run(
             (value, shapes, starts, locations, weights, cropped[5]), deterministic=deterministic, wide_keys=wide)
         what = f"deterministic={deterministic} wide_keys={wide}"
         assert_close((out, grad_value[:, big:], grad_locations[:, :, :, 1:], grad_weights[:, :, :, 1:]), ref,
                      torch.float32, what)
-        assert torch.count_nonzero(grad_locations[:, :, :, 0]) == 0, f"{what}: level 0 location gradients"
-        assert torch.count_nonzero(grad_weights[:, :, :, 0]) == 0, f"{what}: level 0 weight gradients"
-        assert torch.count_nonzero(grad_value[:, big - 4096:big]) == 0, f"{what}: gradient before the small levels"
+        require(torch.count_nonzero(grad_locations[:, :, :, 0]) == 0, f"{what}: level 0 location gradients")
+        require(torch.count_nonzero(grad_weights[:, :, :, 0]) == 0, f"{what}: level 0 weight gradients")
+        require(torch.count_nonzero(grad_value[:, big - 4096:big]) == 0, f"{what}: gradient before the small levels")
         del grad_value
-    return f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped reference"
+    keys = "" if wide_keys else " (64-bit sort keys: emulation only)"
+    return (f"value has {2 * num_value * heads * channels / 2**31:.2f} x 2^31 elements; matches the cropped "
+            f"reference{keys}")
 
 
 def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
@@ -322,7 +439,7 @@ def check_layout_memory(forward: Callable[..., torch.Tensor] | None = None,
         try:
             forward(value, s, t, locations, weights)
         except RuntimeError as error:
-            assert "ms_deform_attn" in str(error), f"{what}: unexpected error {error}"
+            require("ms_deform_attn" in str(error), f"{what}: unexpected error {error}")
             return
         raise AssertionError(f"{what}: a wrong level layout was accepted")
 
@@ -364,12 +481,16 @@ def _checks() -> dict[str, Callable[[], str]]:
         for dtype in (torch.float64, torch.float32):
             checks[f"reference/{case}/{str(dtype)[6:]}"] = (lambda c=case, d=dtype: check_against_reference(c, d))
     checks.update({
+        "forward_variants": check_forward_variants,
+        "channel_counts": check_channel_counts,
         "grid_stride": check_grid_stride,
         "shuffled_thread_order": check_shuffled_thread_order,
         "global_deterministic_flag": check_global_deterministic_flag,
         "wide_keys": check_wide_keys,
         "half_accumulation/float16": lambda: check_half_accumulation(torch.float16),
         "half_accumulation/bfloat16": lambda: check_half_accumulation(torch.bfloat16),
+        "mixed_precision/float16": lambda: check_mixed_precision(torch.float16),
+        "mixed_precision/bfloat16": lambda: check_mixed_precision(torch.bfloat16),
         "empty_inputs": check_empty_inputs,
         "layout_memory": check_layout_memory,
         "large_offsets": check_large_offsets,

@@ -108,10 +108,14 @@ void check_dtypes_and_devices(const at::Tensor& value, const at::Tensor& spatial
   TORCH_CHECK_TYPE(at::isFloatingType(value.scalar_type()),
                    "ms_deform_attn: value must be floating point, got ",
                    dtype_str(value.scalar_type()));
+  // Mixed precision: a float16 / bfloat16 value with float32 locations and weights (AMP).
+  const auto coords = sampling_locations.scalar_type();
+  const bool half_value = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(
-      sampling_locations.scalar_type() == value.scalar_type() &&
-          attention_weights.scalar_type() == value.scalar_type(),
-      "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, "
+      attention_weights.scalar_type() == coords &&
+          (coords == value.scalar_type() || (half_value && coords == at::kFloat)),
+      "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype "
+      "(or a float16 / bfloat16 value with float32 sampling_locations and attention_weights), "
       "got ",
       dtype_str(value.scalar_type()), ", ", dtype_str(sampling_locations.scalar_type()), ", ",
       dtype_str(attention_weights.scalar_type()));

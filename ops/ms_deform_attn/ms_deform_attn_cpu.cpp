@@ -159,15 +159,19 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights);
   const Dims& d = in.dims;
-  auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, in.value.options());
+  // Mixed precision (fp16/bf16 value, float32 locations and weights): the kernels read the value
+  // in float anyway, and fp16/bf16 -> float is exact, so running the float kernel on the converted
+  // value is the same arithmetic; the output is rounded to value's dtype once.
+  const at::Tensor compute_value = in.value.to(in.sampling_locations.scalar_type());
+  auto output = at::empty({d.batch, d.num_query, d.num_heads * d.channels}, compute_value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+      at::kHalf, at::kBFloat16, compute_value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
         forward_kernel<scalar_t>(
-            in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+            compute_value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
             in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<scalar_t>(),
             in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), d);
       });
-  return output;
+  return output.to(in.value.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
@@ -177,15 +181,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const PreparedInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights);
   const Dims& d = in.dims;
-  const auto grad_output = prepare_grad_output(grad_output_in, in);
-  const auto acc_dtype = at::toOpMathType(in.value.scalar_type());
+  // grad_output is rounded to value's dtype first (as the CUDA kernels read it), then, for mixed
+  // precision, converted to float exactly, like the value (see the forward).
+  const auto compute = in.sampling_locations.scalar_type();
+  const auto grad_output = prepare_grad_output(grad_output_in, in).to(compute);
+  const at::Tensor compute_value = in.value.to(compute);
+  const auto acc_dtype = at::toOpMathType(compute);
   auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_dtype));
   auto grad_locations = at::empty_like(in.sampling_locations);
   auto grad_weights = at::empty_like(in.attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      at::kHalf, at::kBFloat16, compute, "ms_deform_attn_backward_cpu", [&] {
         backward_kernel<scalar_t>(
-            grad_output.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+            grad_output.data_ptr<scalar_t>(), compute_value.data_ptr<scalar_t>(),
             in.spatial_shapes.data_ptr<int64_t>(), in.level_start_index.data_ptr<int64_t>(),
             in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
             grad_value.data_ptr<at::opmath_type<scalar_t>>(), grad_locations.data_ptr<scalar_t>(),

@@ -228,7 +228,7 @@ def _train_measure(ctx, overrides: dict, amp: str, batch: int, size: tuple[int, 
     seconds = median_seconds(step, device, repeat, warmup)
     peak = _peak_mib(device)
     require(all(math.isfinite(loss) for loss in losses), f"non-finite loss: {losses}")
-    del model, criterion, optimizer
+    model = criterion = optimizer = None  # free the device memory (step's closure holds them) before the next
     _reset_memory(device)
     return (f"{seconds * 1e3:.0f} ms/step ({batch / seconds:.2f} img/s), peak {_fmt(peak, '.0f')} MiB",
             {"kind": "train", "amp": amp, "batch": batch, "step_s": seconds, "images_per_s": batch / seconds,
@@ -252,7 +252,7 @@ def _infer_measure(ctx, overrides: dict, amp: str, batch: int, size: tuple[int, 
 
     seconds = median_seconds(step, device, repeat, warmup)
     peak = _peak_mib(device)
-    del model
+    model = None  # free the device memory (step's closure holds it) before the next
     _reset_memory(device)
     return (f"{batch / seconds:.1f} images/s ({seconds * 1e3:.0f} ms per batch), peak {_fmt(peak, '.0f')} MiB",
             {"kind": "infer", "amp": amp, "batch": batch, "step_s": seconds, "images_per_s": batch / seconds,

@@ -8,7 +8,9 @@
 
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
 Exit status: 0 done; 2 a configuration, data or checkpoint problem or a non-finite loss (one line on
-stderr); 1 a run file that could not be written (disk full: one line naming it); 128+N stopped by
+stderr); 1 a run file that could not be written (disk full: one line naming it), a killed DataLoader
+worker or out of memory; 3 stopped by a stalled DataLoader worker (data.worker_timeout_s) after writing
+a checkpoint (resumable); 128+N stopped by
 signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130 after a second Ctrl-C
 (nothing saved for the current step).
 """
@@ -23,7 +25,8 @@ from detr_deform.checkpoint import CheckpointError
 from detr_deform.cli import config_from_hydra, precheck
 from detr_deform.config import ConfigError, register_configs
 from detr_deform.data.errors import DatasetError
-from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
+from detr_deform.engine.faults import NonFiniteLossError, TrainingFailed, TrainingInterrupted
+from detr_deform.engine.loader_faults import describe_runtime_failure
 from detr_deform.engine.trainer import train
 from detr_deform.utils.files import OutputError
 
@@ -34,7 +37,7 @@ register_configs()
 def run(cfg: DictConfig) -> None:
     try:
         train(config_from_hydra(cfg))
-    except TrainingInterrupted as stop:
+    except (TrainingInterrupted, TrainingFailed) as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
@@ -47,6 +50,12 @@ def run(cfg: DictConfig) -> None:
         print(f"error: {type(error).__name__}: {error}; the run's earlier files (checkpoints, logs) are intact",
               file=sys.stderr)
         sys.exit(1)
+    except (RuntimeError, MemoryError) as error:  # outside the training steps (evaluation): a dead or stalled worker, OOM
+        failure = describe_runtime_failure(error)
+        if failure is None:
+            raise
+        print(f"error: {failure[0]}; the run's checkpoints are intact", file=sys.stderr)
+        sys.exit(failure[1])
     except KeyboardInterrupt:
         print("interrupted by a second Ctrl-C: no checkpoint was written for the current step; the last "
               "checkpoint_last.pth of the run is intact", file=sys.stderr)

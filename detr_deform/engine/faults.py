@@ -23,13 +23,39 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; the message lists the step, images and terms."""
 
 
+STOPPED_RESUMABLE = 3   # exit code of a run stopped early, resumable (a stalled DataLoader worker)
+RUN_FAILED = 1          # exit code of a run that failed while running (killed worker, out of memory, ...)
+
+
 class TrainingInterrupted(Exception):
-    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code``
-    is 128 + the signal number."""
+    """The run stopped after writing a checkpoint: on SIGTERM/SIGINT (``exit_code``
+    128 + the signal number) or a stalled DataLoader worker (3)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingFailed(Exception):
+    """The run failed while running (a killed DataLoader worker, out of memory); the
+    message is one line naming the cause, the last checkpoint and how to continue.
+    Nothing was written for the failed step."""
+
+    def __init__(self, message: str, exit_code: int = RUN_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python tools/train.py <same arguments> runtime.output_dir={run_dir} runtime.resume=auto"
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where the run can continue from: the last checkpoint (untouched) and the command."""
+    last = Path(run_dir) / "checkpoint_last.pth"
+    if last.is_file():
+        return f"the last checkpoint, {last}, is untouched; continue with: {resume_command(run_dir)}"
+    return f"no checkpoint was written yet (the first epoch had not ended): start the run again in {run_dir}"
 
 
 class GracefulStop:
@@ -40,7 +66,13 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._exit_code: int | None = None
         self._previous: dict[int, Any] = {}
+
+    def stop_for(self, reason: str, exit_code: int) -> None:
+        """A stop for another reason than a signal (e.g. a stalled DataLoader worker):
+        the run then ends as after SIGTERM, with ``exit_code``."""
+        self.signal_name, self._exit_code = reason, exit_code
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -69,7 +101,10 @@ class GracefulStop:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal number, the shell convention for a run ended by a signal."""
+        """128 + signal number, the shell convention for a run ended by a signal
+        (or the code given to ``stop_for``)."""
+        if self._exit_code is not None:
+            return self._exit_code
         for signum in STOP_SIGNALS:
             if signal.Signals(signum).name == self.signal_name:
                 return 128 + signum

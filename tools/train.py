@@ -28,6 +28,7 @@ from detr_deform.data.errors import DatasetError
 from detr_deform.engine.faults import NonFiniteLossError, TrainingFailed, TrainingInterrupted
 from detr_deform.engine.loader_faults import describe_runtime_failure
 from detr_deform.engine.trainer import train
+from detr_deform.models.proposals import TooFewTokensError
 from detr_deform.utils.files import OutputError
 
 register_configs()
@@ -40,7 +41,7 @@ def run(cfg: DictConfig) -> None:
     except (TrainingInterrupted, TrainingFailed) as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, TooFewTokensError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except OutputError as error:

@@ -11,9 +11,11 @@ of memory: one line each, instead of torch's multi-line tracebacks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import threading
 from typing import Iterable, Iterator
 
 _TIMED_OUT = re.compile(r"DataLoader timed out after (\S+) seconds")
@@ -28,16 +30,29 @@ class WorkerStalled(RuntimeError):
     """No batch from the DataLoader's workers within its timeout (``data.worker_timeout_s``)."""
 
 
+class _Alarm(Exception):
+    """SIGALRM of the watchdog: no batch within the timeout."""
+
+
 class WorkerWatch:
     """Iterates a DataLoader (``split`` names it in messages) and keeps the pids of
-    its worker processes, so that a failure can name the worker. A timeout becomes
-    ``WorkerStalled`` after the workers are shut down — a stopped worker is killed,
-    else the interpreter would wait for it forever at exit."""
+    its worker processes, so that a failure can name the worker. No batch within the
+    loader's ``timeout`` (``data.worker_timeout_s``) becomes ``WorkerStalled`` after
+    the workers are shut down — a stopped worker is killed, else the interpreter
+    would wait for it forever at exit.
+
+    The DataLoader's own timeout only covers the wait on its queue: a batch whose
+    tensors come as file descriptors is received from the worker itself, and a
+    stopped worker blocks that forever. So in the main thread a SIGALRM watchdog
+    (``signal.setitimer``) bounds the whole fetch; the loader's timeout remains for
+    other threads."""
 
     def __init__(self, loader: Iterable, split: str) -> None:
         self.loader = loader
         self.split = split
         self.pids: list[int] = []
+        workers = getattr(loader, "num_workers", 0) or 0
+        self.timeout_s = float(getattr(loader, "timeout", 0) or 0) if workers > 0 else 0.0
 
     def __iter__(self) -> Iterator:
         iterator = iter(self.loader)
@@ -45,17 +60,17 @@ class WorkerWatch:
         self.pids = [w.pid for w in workers]
         while True:
             try:
-                batch = next(iterator)
+                with _watchdog(self.timeout_s):
+                    batch = next(iterator)
             except StopIteration:
                 return
-            except RuntimeError as error:
-                match = _TIMED_OUT.search(str(error))
-                if match is None or isinstance(error, WorkerStalled):
+            except (RuntimeError, _Alarm) as error:
+                if isinstance(error, WorkerStalled) or not (isinstance(error, _Alarm) or _TIMED_OUT.search(str(error))):
                     raise
                 _shut_down(iterator, workers)
                 raise WorkerStalled(f"a stalled DataLoader worker ({self.split} data, worker pid(s) "
                                     f"{', '.join(map(str, self.pids))}: no batch within data.worker_timeout_s="
-                                    f"{match.group(1)} s; a stopped process or one stuck in I/O, e.g. on a "
+                                    f"{self.timeout_s:g} s; a stopped process or one stuck in I/O, e.g. on a "
                                     f"network mount)") from None
             yield batch
 
@@ -64,6 +79,23 @@ class WorkerWatch:
         if pid in self.pids:
             return f"worker {self.pids.index(pid)} of {len(self.pids)} (pid {pid})"
         return f"a worker (pid {pid})"
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float) -> Iterator[None]:
+    """Raises _Alarm in the main thread after ``seconds`` (0, or another thread: nothing)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def ring(signum, frame):
+        raise _Alarm()
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _shut_down(iterator, workers: list) -> None:

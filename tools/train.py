@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> None:
         print(f"error: {type(error).__name__}: {error}; the run's earlier files (checkpoints, logs) are intact",
               file=sys.stderr)
         sys.exit(1)
-    except (RuntimeError, MemoryError) as error:  # outside the training steps (evaluation): a dead or stalled worker, OOM
+    except (RuntimeError, MemoryError) as error:  # outside the training steps (evaluation): a dead worker, OOM
         failure = describe_runtime_failure(error)
         if failure is None:
             raise

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 
 from detr_deform.data import transforms as official
 from detr_deform.data.demo import ensure_demo_dataset
+from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.device import DeviceError, resolve_device
 from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
@@ -43,8 +44,11 @@ class DataConfig:
     crop_min: int = bounded(official.OFFICIAL_CROP_MIN, ge=1)
     crop_max: int = bounded(official.OFFICIAL_CROP_MAX, ge=1)
     num_workers: int = bounded(2, ge=0)
+    # A worker that delivers no batch for this long (stopped, stuck in I/O) ends the run, resumable (exit 3).
+    worker_timeout_s: int = bounded(600, ge=0)  # 0: wait forever; with num_workers=0 there is no worker
     aspect_ratio_grouping: bool = False      # batch images of similar aspect ratio (less padding)
     on_bad_sample: str = choice(("error", "skip"), default="error")  # error (fail naming the file) | skip
+    max_category_id: int = bounded(DEFAULT_MAX_CATEGORY_ID, ge=0)  # larger category ids are refused: remap them to 1..N
 
     @classmethod
     def from_saved(cls, values: Any, source: str = "the checkpoint") -> "DataConfig":
@@ -183,6 +187,10 @@ def validate(cfg: Config) -> Config:
     d, o, r = cfg.data, cfg.optim, cfg.runtime
     if d.crop_min > d.crop_max:
         raise ConfigError(f"data.crop_min={d.crop_min} is larger than data.crop_max={d.crop_max}")
+    if d.worker_timeout_s and d.worker_timeout_s >= r.dist_timeout_s:
+        raise ConfigError(f"data.worker_timeout_s={d.worker_timeout_s} must be shorter than runtime.dist_timeout_s="
+                          f"{r.dist_timeout_s}: the other ranks wait for a stalled one that long before failing; "
+                          f"lower data.worker_timeout_s (0: no limit) or raise runtime.dist_timeout_s")
     if not d.train_scales or not d.crop_resize_sizes:
         raise ConfigError("data.train_scales and data.crop_resize_sizes need at least one size each")
     if o.scheduler == "multistep" and (not o.milestones or o.milestones != sorted(set(o.milestones))):

@@ -51,6 +51,10 @@ def use_pytorch_attention(model: nn.Module) -> None:
 
 def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, opset: int = 17) -> Path:
     """Writes ``model`` (eval mode is set) as ONNX for (1, 3, height, width) input."""
+    try:  # torch's exporter needs onnx to write the file; without it, it fails deep inside (OnnxExporterError)
+        import onnx  # noqa: F401
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("exporting needs onnx: pip install 'detr_deform[tools]'", name="onnx") from error
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     use_pytorch_attention(model)

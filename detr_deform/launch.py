@@ -5,7 +5,8 @@ torchrun exits 1 both when a worker fails and when the job was stopped by
 SIGTERM/SIGINT after the workers wrote their checkpoints (pre-emption), so a
 scheduler cannot tell the two apart. This wrapper exits 128 + the signal number
 (143 for SIGTERM, 130 for Ctrl-C) in the second case, as ``tools/train.py`` does
-on its own, and keeps torchrun's status otherwise::
+on its own, 3 when the ranks stopped for a stalled DataLoader worker (data.worker_timeout_s),
+and keeps torchrun's status otherwise::
 
     python -m detr_deform.launch --nproc_per_node=8 tools/train.py experiment=two_stage data.root=/data/coco
 """
@@ -19,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
 STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT}  # a worker that wrote its checkpoint and exited
+STALLED = 3  # stopped by a stalled DataLoader worker after writing a checkpoint (resumable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(stop.sigval)
     except ChildFailedError as failed:
         codes = {failure.exitcode for failure in failed.failures.values()}
-        if codes <= STOPPED:
-            return max(codes)
+        if codes <= STOPPED | {STALLED}:
+            # Ranks stopped together for a stalled worker: the agent may SIGTERM the others meanwhile.
+            return STALLED if STALLED in codes else max(codes)
         raise
     return 0
 

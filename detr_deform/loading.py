@@ -142,11 +142,15 @@ def init_from(model: nn.Module, path: str | os.PathLike, allow_nonfinite: bool =
         "unexpected": sorted(k for k in state if k not in own),
     }
     model.load_state_dict(fitting, strict=False)
-    if report["shape_mismatch"] or report["missing"]:
+    if report["shape_mismatch"] or report["missing"] or report["unexpected"]:
+        # The file's unused tensors matter as much as the missing ones: a renamed or prefixed state dict
+        # ("module.", "model.") loads nothing yet "misses" every key.
         warnings.warn(
             f"init_from {path}: loaded {len(report['loaded'])} tensors; kept the model's own values for "
             f"{len(report['shape_mismatch'])} of another shape (e.g. {report['shape_mismatch'][:2]}) and "
-            f"{len(report['missing'])} missing from the file",
+            f"{len(report['missing'])} missing from the file (e.g. {report['missing'][:2]}); left unused "
+            f"{len(report['unexpected'])} tensor(s) of the file that the model does not have (e.g. "
+            f"{report['unexpected'][:2]})",
             stacklevel=2,
         )
     return report

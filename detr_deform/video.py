@@ -61,6 +61,8 @@ class VideoReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise VideoError(f"video file not found: {self.path}")
+        if self.path.stat().st_size == 0:  # FFmpeg would say "Invalid data found when processing input"
+            raise VideoError(f"{self.path} is empty (0 bytes): an interrupted copy or recording? Nothing to read")
         try:
             self._container = av.open(str(self.path))
         except av.FFmpegError as error:

@@ -1,6 +1,7 @@
 """Bad data: tools/check_dataset.py, image modes, EXIF, empty images, degenerate
 boxes, unreadable files and malformed annotations (fail clearly or skip)."""
 import json
+import re
 import warnings
 
 import numpy as np
@@ -196,3 +197,135 @@ def test_training_fails_fast_or_skips_on_a_corrupt_image(tiny_demo_root, tmp_pat
     assert "skipped unreadable image" in done.stdout and broken.name in done.stdout
     epochs = [json.loads(line) for line in (tmp_path / "out2" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in epochs if r["type"] == "epoch"] == [1]
+
+
+# ---------------------------------------------------------------- category ids, file names, empty files
+
+@pytest.mark.parametrize("bad_id, message", [
+    (-1, "category id -1 is negative; category ids must be >= 0"),
+    (10**9, "category id 1000000000 is above the limit data.max_category_id=10000 (the class head would get "
+            "1000000001 outputs); remap the category ids to 1..N"),
+])
+def test_negative_and_huge_category_ids_are_errors_in_the_tool_and_the_loader(tmp_path, bad_id, message):
+    images, annotation_file, content = write_dataset(tmp_path, 2)
+    content["categories"] = [*content["categories"], {"id": bad_id, "name": "odd"}]   # a copy: the list is shared
+    content["annotations"][1]["category_id"] = bad_id
+    rewrite(annotation_file, content)
+    done = check_tool("--images", images, "--annotations", annotation_file, "--no-files", "--json", tmp_path / "r.json")
+    assert done.returncode == 1 and "NOT USABLE" in done.stdout, done.stdout
+    problems = [p for p in json.loads((tmp_path / "r.json").read_text())[0]["problems"]
+                if p["kind"] == "bad_category_id"]
+    assert {p["where"] for p in problems} == {str(annotation_file), "annotation 2"}   # the declaration and the use
+    assert all(message in p["message"] for p in problems)
+    assert "(image 2)" in next(p["message"] for p in problems if p["where"] == "annotation 2")
+    for policy in ("error", "skip"):   # skip cannot help: the class head is sized from the ids
+        with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            CocoDetection(images, annotation_file, on_bad_sample=policy)
+
+
+def test_the_category_id_ceiling_is_configurable(tmp_path):
+    images, annotation_file, content = write_dataset(tmp_path, 2)
+    content["categories"] = [*content["categories"], {"id": 20000, "name": "big"}]
+    rewrite(annotation_file, content)
+    assert check_tool("--images", images, "--annotations", annotation_file, "--no-files").returncode == 1
+    done = check_tool("--images", images, "--annotations", annotation_file, "--no-files", "--max-category-id", 20000)
+    assert done.returncode == 0, done.stdout
+    assert CocoDetection(images, annotation_file, max_category_id=20000).num_classes == 20001
+    bad = check_tool("--images", images, "--annotations", annotation_file, "--max-category-id", -1)
+    assert bad.returncode == 2 and "--max-category-id=-1 must be >= 0" in bad.stderr
+
+
+@pytest.mark.parametrize("file_name, message", [
+    ("../outside.jpg", "goes up with '..', outside the image folder"),
+    ("sub/../../outside.jpg", "goes up with '..'"),
+    ("..\\outside.jpg", "goes up with '..'"),
+    ("/etc/passwd", "is an absolute path"),
+    ("C:\\data\\1.jpg", "is an absolute path"),
+    ("", "'file_name' must be a non-empty string"),
+    (12, "'file_name' must be a non-empty string"),
+])
+def test_file_names_outside_the_image_folder_are_refused(tmp_path, file_name, message):
+    images, annotation_file, content = write_dataset(tmp_path / "data", 2)
+    write_image(tmp_path / "data" / "outside.jpg")           # exists, so only the guard can stop it
+    content["images"][0]["file_name"] = file_name
+    rewrite(annotation_file, content)
+    done = check_tool("--images", images, "--annotations", annotation_file, "--json", tmp_path / "r.json")
+    assert done.returncode == 1, done.stdout
+    problem = next(p for p in json.loads((tmp_path / "r.json").read_text())[0]["problems"]
+                   if p["kind"] == "unsafe_file_name")
+    assert message in problem["message"] and problem["where"] == "image 1"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        CocoDetection(images, annotation_file)
+    with pytest.warns(UserWarning, match="leaving out the 1 image"):   # skip leaves that image out
+        skipping = CocoDetection(images, annotation_file, on_bad_sample="skip")
+    assert skipping.ids == [2]
+
+
+def test_an_empty_images_list_is_an_error_not_ok(tmp_path):
+    images, annotation_file, content = write_dataset(tmp_path, 1)
+    rewrite(annotation_file, {**content, "images": [], "annotations": []})
+    done = check_tool("--images", images, "--annotations", annotation_file)
+    assert done.returncode == 1 and "'images' is an empty list" in done.stdout and "  OK" not in done.stdout
+    with pytest.raises(DatasetError, match="'images' is an empty list"):
+        CocoDetection(images, annotation_file)
+
+
+def test_an_empty_json_file_is_named_once(tmp_path):
+    images, annotation_file, _ = write_dataset(tmp_path, 1)
+    annotation_file.write_bytes(b"")
+    done = check_tool("--images", images, "--annotations", annotation_file)
+    assert done.returncode == 1
+    problem_line = next(line for line in done.stdout.splitlines() if "is empty (0 bytes)" in line)
+    assert problem_line.count(str(annotation_file)) == 1, problem_line
+    with pytest.raises(DatasetError, match=r"is empty \(0 bytes\)") as error:
+        CocoDetection(images, annotation_file)
+    assert str(error.value).count(str(annotation_file)) == 1
+
+
+# ---------------------------------------------------------------- extreme aspect ratios
+
+def _official_get_size(image_size, size, max_size=None):
+    """The official get_size_with_aspect_ratio (datasets/transforms.py), as the reference."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def test_resize_equals_the_official_rule_wherever_that_gives_pixels_and_never_reaches_zero():
+    from detr_deform.data.transforms import official_resize_size
+
+    sides = [1, 2, 3, 17, 100, 333, 480, 640, 799, 800, 801, 1333, 2000, 5000]
+    for height in sides:
+        for width in sides:
+            for size, max_size in ((800, 1333), (96, 128), (480, 1333), (800, None)):
+                official = _official_get_size((width, height), size, max_size)
+                ours = official_resize_size(height, width, size, max_size)
+                if min(official) > 0:
+                    assert ours == official, (height, width, size, max_size)
+                else:   # the official rule gives 0 px (and the resize fails): the shorter side becomes 1 px
+                    assert min(ours) == 1 and max(ours) == max(official) or max(official) == 0, (height, width)
+                assert min(ours) >= 1
+
+
+@pytest.mark.parametrize("size", [(5000, 2), (2, 5000), (5000, 1)])
+def test_extreme_aspect_ratios_load_for_training_and_evaluation(tmp_path, size):
+    images, annotation_file, content = write_dataset(tmp_path, 1, size=size)
+    content["annotations"][0]["bbox"] = [0, 0, 1, 1]
+    rewrite(annotation_file, content)
+    for split in ("train", "val"):
+        dataset = CocoDetection(images, annotation_file, build_transforms(split, scales=[96], max_size=128,
+                                                                          val_size=96, crop_resize_sizes=[96]))
+        image, target = dataset[0]
+        assert min(image.shape[-2:]) >= 1 and torch.isfinite(image).all()

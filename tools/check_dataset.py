@@ -8,7 +8,8 @@
 Prints, per split: image/annotation counts, annotations per category, images
 without annotations, and every problem found (missing/unreadable/truncated
 images, JSON size != file size, degenerate or out-of-image boxes, undeclared
-category ids, duplicate ids, malformed JSON or entries). Exit status: 0 when the
+category ids, negative or huge category ids, file names outside the image folder,
+duplicate ids, an empty 'images' list, malformed JSON or entries). Exit status: 0 when the
 data can be trained on (warnings allowed), 1 when training would fail or be
 silently wrong, 2 for bad arguments.
 """
@@ -22,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detr_deform.data.report import check_dataset
+from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID
 from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.utils.files import write_text
 
@@ -36,12 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-files", action="store_true", help="check the JSON only, do not read images")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading threads")
     parser.add_argument("--max-listed", type=int, default=10, help="problems listed per kind")
+    parser.add_argument("--max-category-id", type=int, default=DEFAULT_MAX_CATEGORY_ID,
+                        help="largest category id accepted (as data.max_category_id; the class head has max id + 1 "
+                             "outputs)")
     parser.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
     args = parser.parse_args(argv)
     if (args.images is None) != (args.annotations is None):
         parser.error("--images and --annotations go together")
     if args.coco_path is None and args.images is None:
         parser.error("pass --coco-path or --images and --annotations")
+    if args.max_category_id < 0:
+        parser.error(f"--max-category-id={args.max_category_id} must be >= 0")
     return args
 
 
@@ -58,7 +65,8 @@ def check(args: argparse.Namespace) -> int:
         pairs = [(args.coco_path / f"{split}2017", args.coco_path / "annotations" / f"instances_{split}2017.json")
                  for split in args.splits]
     reports = [check_dataset(images, annotations, check_files=not args.no_files, workers=args.workers,
-                             progress=sys.stderr.isatty()) for images, annotations in pairs]
+                             progress=sys.stderr.isatty(), max_category_id=args.max_category_id)
+               for images, annotations in pairs]
     for report in reports:
         print(report.format(args.max_listed))
     if args.json is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from detr_deform.detector import category_names_of
 from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.loading import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
 from detr_deform.data.coco import CocoDetection, collate_fn
@@ -94,6 +95,16 @@ def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
     return images, annotations, val_size, max_size
 
 
+def category_mismatches(content, num_classes: int, names: dict[int, str]) -> list[str]:
+    """'id 1: 'cat' here, 'dog' in the checkpoint' for each id whose name differs from the checkpoint's
+    (names stored in the checkpoint, or COCO's for official 91-class files; nothing to compare otherwise)."""
+    if not (isinstance(content, dict) and content.get("category_names")) and num_classes != 91:
+        return []
+    stored = category_names_of(content, num_classes)
+    return [f"id {i}: {names[i]!r} here, {stored[i]!r} in the checkpoint" for i in sorted(names)
+            if i in stored and stored[i] != names[i]]
+
+
 def default_output(checkpoint: str) -> Path:
     """<checkpoint>.eval.json beside the checkpoint, or outputs/eval/ when that folder is read-only."""
     beside = Path(checkpoint).with_suffix(".eval.json") if Path(checkpoint).is_file() else \
@@ -120,6 +131,11 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     if dataset.num_classes > cfg.num_classes:
         raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
                            f"predicts {cfg.num_classes} classes")
+    mismatches = category_mismatches(content, cfg.num_classes, dataset.category_names)
+    if mismatches and dist_info.is_main:
+        print(f"WARNING: {len(mismatches)} category name(s) of {annotations} differ from the checkpoint's for the same "
+              f"id ({'; '.join(mismatches[:3])}): the model's class k is scored as the dataset's category k, so the "
+              f"metrics may be meaningless; remap the dataset's category ids to the checkpoint's", file=sys.stderr)
     batch_size = args.batch_size or saved_batch_size(saved_config)
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,

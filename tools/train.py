@@ -8,11 +8,12 @@
 
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
 Exit status (the table every tool shares, docs/tools.md): 0 done; 1 the run failed while running
-(a run file that could not be written, e.g. disk full: one line naming it; an I/O error); 2 a
-configuration, data or checkpoint problem, a run directory in use by another live run, or a
-non-finite loss (one line on stderr, from the first process of each machine; nothing lost);
-3 stopped early, resumable; 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM,
-130 for Ctrl-C); 130 after a second Ctrl-C (nothing saved for the current step).
+(a run file that could not be written, e.g. disk full: one line naming it; an I/O error; a killed
+DataLoader worker; out of memory); 2 a configuration, data or checkpoint problem, a run directory in
+use by another live run, or a non-finite loss (one line on stderr, from the first process of each
+machine; nothing lost); 3 stopped by a stalled DataLoader worker (data.worker_timeout_s) after writing
+a checkpoint (resumable); 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM, 130
+for Ctrl-C); 130 after a second Ctrl-C (nothing saved for the current step).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import hydra
 from omegaconf import DictConfig
 
 from detr_deform.cli import compose_config, config_from_hydra, hydra_mode
-from detr_deform.config import register_configs
-from detr_deform.errors import run_tool
+from detr_deform.config import Config, register_configs
+from detr_deform.engine.faults import TrainingFailed
+from detr_deform.engine.loader_faults import describe_runtime_failure
 from detr_deform.engine.trainer import train
+from detr_deform.errors import run_tool
 
 register_configs()
 
@@ -45,10 +48,22 @@ def report(message: str) -> None:
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     """Hydra's own path (--help, --cfg job, --multirun, hydra.* overrides): Hydra composes."""
-    status = run_tool(lambda: train(config_from_hydra(cfg)), failure_note=FAILURE_NOTE,
+    status = run_tool(lambda: train_reporting_failures(config_from_hydra(cfg)), failure_note=FAILURE_NOTE,
                       interrupt_note=INTERRUPT_NOTE, report=report)
     if status:
         sys.exit(status)
+
+
+def train_reporting_failures(cfg: Config) -> None:
+    """``train``, with a dead DataLoader worker or an out-of-memory error outside the training
+    steps (in the evaluation) as one line too: inside them the loop already says so."""
+    try:
+        train(cfg)
+    except (RuntimeError, MemoryError) as error:
+        failure = describe_runtime_failure(error)
+        if failure is None:
+            raise
+        raise TrainingFailed(f"error: {failure[0]}", exit_code=failure[1]) from error
 
 
 def main() -> None:
@@ -62,7 +77,7 @@ def start(argv: list[str]) -> None:
     if hydra_mode(argv):
         run()
     else:
-        train(compose_config(argv))
+        train_reporting_failures(compose_config(argv))
 
 
 if __name__ == "__main__":

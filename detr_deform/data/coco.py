@@ -15,14 +15,16 @@ from torchvision import tv_tensors
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import check_structure, fill_coco_defaults, read_instances_json
+from detr_deform.data.schema import (DEFAULT_MAX_CATEGORY_ID, check_structure, fill_coco_defaults,
+                                     read_instances_json)
 
 __all__ = ["CocoDetection", "collate_fn", "load_coco_json", "raise_worker_errors_cleanly", "skipped_in"]
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _MAX_CONSECUTIVE_BAD = 50
 # Problems that leave no sensible way to read the file, whatever on_bad_sample says.
-_STRUCTURAL = {"malformed_json", "malformed_category", "duplicate_category", "duplicate_image_id"}
+_STRUCTURAL = {"malformed_json", "malformed_category", "duplicate_category", "duplicate_image_id", "no_images",
+               "bad_category_id"}
 
 
 def load_coco_json(annotation_file: str | Path, content: dict | None = None):
@@ -59,11 +61,14 @@ class CocoDetection(torch.utils.data.Dataset):
     ``set_epoch``, index), so a sample's augmentation does not depend on the
     worker that loads it or on the samples loaded before it (determinism and
     exact mid-epoch resume).
+
+    Category ids must lie in 0..``max_category_id`` (the class head has max id + 1
+    outputs) and image file names inside ``image_folder`` (no absolute paths, no ``..``).
     """
 
     def __init__(self, image_folder: str | Path, annotation_file: str | Path,
                  transforms: Callable | None = None, on_bad_sample: str = "error", seed: int = 0,
-                 replace_bad: bool = True) -> None:
+                 replace_bad: bool = True, max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         self.image_folder = Path(image_folder)
@@ -74,6 +79,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.replace_bad = replace_bad
         self.seed = seed
         self.epoch = 0
+        self.max_category_id = max_category_id
         content = read_instances_json(annotation_file)
         excluded = self._check(content)
         fill_coco_defaults(content)
@@ -85,7 +91,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _check(self, content: dict) -> set[int]:
         """Start-up checks of the JSON. In skip mode, drops bad annotations from
         ``content`` and returns the ids of the images they belong to (left out)."""
-        problems = check_structure(content, str(self.annotation_file))
+        problems = check_structure(content, str(self.annotation_file), self.max_category_id)
         errors = [p for p in problems if p.severity == "error"]
         fatal = [p for p in errors if self.on_bad_sample == "error" or p.kind in _STRUCTURAL
                  or (p.image_id is None and p.annotation_index is None)]

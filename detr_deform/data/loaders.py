@@ -19,15 +19,14 @@ from detr_deform.data.transforms import build_transforms
 def build_datasets(data: DataConfig, root: str | Path | None, seed: int) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) datasets with the official augmentations; ``root`` is the
     resolved data root (see ``DataConfig.resolved_root``)."""
+    checks = dict(on_bad_sample=data.on_bad_sample, seed=seed, max_category_id=data.max_category_id)
     kwargs = dict(scales=data.train_scales, max_size=data.max_size, val_size=data.val_size,
                   crop_resize_sizes=data.crop_resize_sizes, crop_min=data.crop_min, crop_max=data.crop_max)
     train_images, train_annotations = data.split_paths("train", root)
     val_images, val_annotations = data.split_paths("val", root)
-    train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs),
-                          on_bad_sample=data.on_bad_sample, seed=seed)
+    train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs), **checks)
     # An unreadable validation image is left out of the evaluation, not replaced by another one.
-    val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs),
-                        on_bad_sample=data.on_bad_sample, seed=seed, replace_bad=False)
+    val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs), replace_bad=False, **checks)
     return train, val
 
 
@@ -96,14 +95,16 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, rank: i
         batch_sampler = AspectRatioBatchSampler(train_sampler, groups, cfg.optim.batch_size)
     else:
         batch_sampler = BatchSampler(train_sampler, cfg.optim.batch_size, drop_last=True)
+    # A worker that delivers nothing for data.worker_timeout_s ends the run (resumable) instead of hanging it.
+    timeout = cfg.data.worker_timeout_s if cfg.data.num_workers > 0 else 0
     train_loader = DataLoader(train, batch_sampler=ResumableBatchSampler(batch_sampler), collate_fn=collate_fn,
                               num_workers=cfg.data.num_workers, generator=torch.Generator(),
-                              worker_init_fn=quiet_worker_signals, pin_memory=pin_memory)
+                              worker_init_fn=quiet_worker_signals, pin_memory=pin_memory, timeout=timeout)
     val_subset: Dataset = val
     if cfg.runtime.max_eval_images is not None:
         val_subset = torch.utils.data.Subset(val, range(min(len(val), cfg.runtime.max_eval_images)))
     val_sampler = DistributedSampler(val_subset, num_replicas=world_size, rank=rank, shuffle=False)
     val_loader = DataLoader(val_subset, batch_size=cfg.optim.batch_size, sampler=val_sampler,
                             collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                            worker_init_fn=quiet_worker_signals)
+                            worker_init_fn=quiet_worker_signals, timeout=timeout)
     return Loaders(train_loader, train_sampler, val_loader)

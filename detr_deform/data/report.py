@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import Problem, check_image_entry, check_structure, read_instances_json
+from detr_deform.data.schema import (DEFAULT_MAX_CATEGORY_ID, Problem, check_image_entry, check_structure,
+                                     read_instances_json)
 
 
 @dataclass
@@ -79,18 +80,21 @@ def _check_file(image_folder: Path, entry: dict) -> Problem | None:
 
 
 def check_dataset(image_folder: str | Path, annotation_file: str | Path, check_files: bool = True,
-                  workers: int = 4, progress: bool = False) -> DatasetReport:
-    """Checks a COCO-format split: the JSON (structure, ids, boxes, categories)
-    and, with ``check_files``, every image file (exists, decodes completely,
-    size equals the JSON's). Never raises for data problems: they are in the report."""
+                  workers: int = 4, progress: bool = False,
+                  max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> DatasetReport:
+    """Checks a COCO-format split: the JSON (structure, ids, boxes, categories
+    in 0..``max_category_id``) and, with ``check_files``, every image file (exists,
+    decodes completely, size equals the JSON's). Never raises for data problems:
+    they are in the report."""
     report = DatasetReport(Path(annotation_file), Path(image_folder), problems=[])
     try:
         content = read_instances_json(annotation_file)
     except DatasetError as error:
-        report.problems.append(Problem("error", error.kind, str(annotation_file), str(error)))
+        # The message names the file already (and the report's first line does too).
+        report.problems.append(Problem("error", error.kind, "annotations JSON", str(error)))
         report.files_not_checked_because = "the annotation file could not be read"
         return report
-    report.problems.extend(check_structure(content, str(annotation_file)))
+    report.problems.extend(check_structure(content, str(annotation_file), max_category_id))
     images = [e for e in content["images"] if check_image_entry(e) is None]
     annotations = [a for a in content["annotations"] if isinstance(a, dict)]
     report.num_images, report.num_annotations = len(content["images"]), len(content["annotations"])

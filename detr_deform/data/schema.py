@@ -11,13 +11,16 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from detr_deform.data.errors import DatasetError
 
 REQUIRED_IMAGE_KEYS = ("id", "file_name")
 REQUIRED_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
+# The class head has max category id + 1 outputs (official convention): an id of 1e9 would
+# allocate gigabytes. Above this ceiling (data.max_category_id) ids must be remapped.
+DEFAULT_MAX_CATEGORY_ID = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ def check_image_entry(entry: Any) -> Problem | None:
         return Problem("error", "malformed_image", where, f"missing required key(s) {missing}")
     if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
         return Problem("error", "malformed_image", where, f"'id' must be an integer, got {entry['id']!r}")
+    unsafe = unsafe_file_name(entry["file_name"])
+    if unsafe is not None:
+        return Problem("error", "unsafe_file_name", where, unsafe, entry["id"])
     for key in ("width", "height"):
         if key in entry and not (isinstance(entry[key], int) and entry[key] > 0):
             return Problem("error", "malformed_image", where, f"'{key}' must be a positive integer, got "
@@ -54,8 +60,36 @@ def check_image_entry(entry: Any) -> Problem | None:
     return None
 
 
+def unsafe_file_name(name: Any) -> str | None:
+    """Why an image's ``file_name`` is refused (not a relative path inside the image
+    folder: absolute, a drive, or a ``..`` component — a path-traversal guard), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return f"'file_name' must be a non-empty string, got {name!r:.60}"
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        return (f"'file_name' {name!r:.80} is an absolute path; file names are read relative to the image folder "
+                f"(give the path inside it)")
+    if ".." in windows.parts:  # PureWindowsPath splits on both / and \
+        return (f"'file_name' {name!r:.80} goes up with '..', outside the image folder (refused); give the path "
+                f"inside the image folder")
+    return None
+
+
+def category_id_problem(category_id: Any, max_category_id: int) -> str | None:
+    """Why a category id cannot be a class index (negative, or above the ceiling), or None."""
+    if not isinstance(category_id, int) or isinstance(category_id, bool):
+        return None  # not an id at all: reported where it is declared or used
+    if category_id < 0:
+        return f"category id {category_id} is negative; category ids must be >= 0 (they index the class head)"
+    if category_id > max_category_id:
+        return (f"category id {category_id} is above the limit data.max_category_id={max_category_id} (the class "
+                f"head would get {category_id + 1} outputs); remap the category ids to 1..N, or raise "
+                f"data.max_category_id (check_dataset.py --max-category-id)")
+    return None
+
+
 def check_annotation(annotation: Any, image_sizes: dict[int, tuple[int, int] | None],
-                     category_ids: set[int]) -> Problem | None:
+                     category_ids: set[int], max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> Problem | None:
     """One 'annotations' entry against the images (id -> (width, height) or None) and
     categories. Malformed entries are errors; degenerate boxes are warnings."""
     if not isinstance(annotation, dict):
@@ -77,6 +111,9 @@ def check_annotation(annotation: Any, image_sizes: dict[int, tuple[int, int] | N
         return Problem("error", "unknown_category", where,
                        f"category_id {annotation['category_id']!r} is not declared in 'categories' "
                        f"(declared: {sorted(category_ids)[:20]})", image_id)
+    bad_id = category_id_problem(annotation["category_id"], max_category_id)
+    if bad_id is not None:
+        return Problem("error", "bad_category_id", where, f"(image {image_id}): {bad_id}", image_id)
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
         return Problem("warning", "degenerate_box", where,
@@ -93,13 +130,17 @@ def check_annotation(annotation: Any, image_sizes: dict[int, tuple[int, int] | N
     return None
 
 
-def check_structure(content: dict, source: str) -> list[Problem]:
+def check_structure(content: dict, source: str, max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> list[Problem]:
     """Image entries, duplicate ids, annotations and categories of a parsed
-    instances JSON (``source`` names the file in messages)."""
+    instances JSON (``source`` names the file in messages); category ids must lie
+    in 0..``max_category_id``."""
     problems: list[Problem] = []
     categories = content.get("categories")
     if not isinstance(categories, list) or not categories:
         return [Problem("error", "malformed_json", source, "'categories' must be a non-empty list")]
+    if not content["images"]:
+        problems.append(Problem("error", "no_images", source, "'images' is an empty list: there is nothing to "
+                                "train or evaluate on (is this the right annotation file?)"))
     category_ids: set[int] = set()
     for category in categories:
         if not isinstance(category, dict) or not isinstance(category.get("id"), int):
@@ -109,6 +150,10 @@ def check_structure(content: dict, source: str) -> list[Problem]:
         if category["id"] in category_ids:
             problems.append(Problem("error", "duplicate_category", source,
                                     f"category id {category['id']} declared twice"))
+        bad_id = category_id_problem(category["id"], max_category_id)
+        if bad_id is not None:
+            problems.append(Problem("error", "bad_category_id", source,
+                                    f"category {category.get('name', '?')!r:.40}: {bad_id}"))
         category_ids.add(category["id"])
     image_sizes: dict[int, tuple[int, int] | None] = {}
     for entry in content["images"]:
@@ -126,7 +171,7 @@ def check_structure(content: dict, source: str) -> list[Problem]:
         image_sizes[entry["id"]] = size
     seen_annotations: set = set()
     for index, annotation in enumerate(content["annotations"]):
-        problem = check_annotation(annotation, image_sizes, category_ids)
+        problem = check_annotation(annotation, image_sizes, category_ids, max_category_id)
         if problem is not None:
             problems.append(dataclasses.replace(problem, annotation_index=index))
         elif isinstance(annotation, dict) and ("area" not in annotation or "iscrowd" not in annotation):
@@ -150,6 +195,9 @@ def read_instances_json(annotation_file: str | Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}", kind="missing_file")
     try:
+        if path.stat().st_size == 0:
+            raise DatasetError(f"{path}: the file is empty (0 bytes); an interrupted copy or download? Write the "
+                               f"COCO instances JSON again", kind="malformed_json")
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

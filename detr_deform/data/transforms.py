@@ -28,11 +28,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def official_resize_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
     """Shorter side to ``size`` unless the longer would exceed ``max_size``
-    (official get_size_with_aspect_ratio, including its rounding)."""
+    (official get_size_with_aspect_ratio, including its rounding). For extreme aspect
+    ratios (e.g. 5000x2) the official rounding reaches 0 pixels and the resize fails;
+    here the shorter side is at least 1 pixel (the longer side may then exceed ``max_size``).
+    Every size the official rule gives above 0 is unchanged."""
     if max_size is not None:
         short, long = float(min(width, height)), float(max(width, height))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = max(1, int(round(max_size * short / long)))
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

@@ -16,7 +16,7 @@ import torch
 
 from detr_deform.engine import distributed
 from detr_deform.utils.files import write_text
-from detr_deform.errors import DetrDeformError
+from detr_deform.errors import EXIT_FAILED, EXIT_STOPPED, DetrDeformError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -27,14 +27,42 @@ class NonFiniteLossError(DetrDeformError, FloatingPointError):
     checkpoints are intact."""
 
 
+STOPPED_RESUMABLE = EXIT_STOPPED  # a run stopped early, resumable (a stalled DataLoader worker)
+RUN_FAILED = EXIT_FAILED          # a run that failed while running (killed worker, out of memory, ...)
+
+
 class TrainingInterrupted(DetrDeformError):
-    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; ``exit_code``
-    is 128 + the signal number. Its message is printed as it is (no "error:")."""
+    """The run stopped after writing a checkpoint: on SIGTERM/SIGINT (``exit_code``
+    128 + the signal number) or a stalled DataLoader worker (3). Its message is printed
+    as it is (no "error:")."""
 
     prefix = ""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message, exit_code=exit_code)
+
+
+class TrainingFailed(DetrDeformError):
+    """The run failed while running (a killed DataLoader worker, out of memory); the
+    message is one line naming the cause, the last checkpoint and how to continue
+    (it starts with "error:" itself). Nothing was written for the failed step."""
+
+    prefix = ""
+
+    def __init__(self, message: str, exit_code: int = RUN_FAILED) -> None:
+        super().__init__(message, exit_code=exit_code)
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python tools/train.py <same arguments> runtime.output_dir={run_dir} runtime.resume=auto"
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where the run can continue from: the last checkpoint (untouched) and the command."""
+    last = Path(run_dir) / "checkpoint_last.pth"
+    if last.is_file():
+        return f"the last checkpoint, {last}, is untouched; continue with: {resume_command(run_dir)}"
+    return f"no checkpoint was written yet (the first epoch had not ended): start the run again in {run_dir}"
 
 
 class GracefulStop:
@@ -45,7 +73,13 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._exit_code: int | None = None
         self._previous: dict[int, Any] = {}
+
+    def stop_for(self, reason: str, exit_code: int) -> None:
+        """A stop for another reason than a signal (e.g. a stalled DataLoader worker):
+        the run then ends as after SIGTERM, with ``exit_code``."""
+        self.signal_name, self._exit_code = reason, exit_code
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -74,7 +108,10 @@ class GracefulStop:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal number, the shell convention for a run ended by a signal."""
+        """128 + signal number, the shell convention for a run ended by a signal
+        (or the code given to ``stop_for``)."""
+        if self._exit_code is not None:
+            return self._exit_code
         for signum in STOP_SIGNALS:
             if signal.Signals(signum).name == self.signal_name:
                 return 128 + signum

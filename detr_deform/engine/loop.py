@@ -15,7 +15,7 @@ from tqdm import tqdm
 from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import raise_worker_errors_cleanly, skipped_in
 from detr_deform.data.loaders import Loaders
-from detr_deform.engine import distributed, faults
+from detr_deform.engine import distributed, faults, loader_faults
 from detr_deform.engine.checkpointing import TrainingParts
 from detr_deform.engine.run_logger import RunLogger
 from detr_deform.engine.state import TrainState
@@ -82,23 +82,50 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
     skips the micro-batches already done). One optimizer step takes
     ``optim.accumulate_steps`` micro-batches (an incomplete group at the end of
     the epoch is dropped); ``state`` is updated after every step. Returns early,
-    with ``stopped``, when any rank got a stop signal (always at a step boundary)."""
-    cfg, logger = ctx.cfg, ctx.logger
-    accumulate = cfg.optim.accumulate_steps
+    with ``stopped``, when any rank got a stop signal or a stalled DataLoader worker
+    (always at a step boundary). Raises TrainingFailed (one line) for a killed
+    DataLoader worker or an out-of-memory error."""
+    cfg = ctx.cfg
     loader = loaders.train
     loaders.train_sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(cfg.runtime.seed * 100003 + epoch * 1009 + ctx.rank)
     loader.batch_sampler.skip = state.batches_done
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), cfg)
-    first_step = state.batches_done // accumulate
     parts.train_model.train()
     result = EpochResult()
     start = time.time()
+    watch = loader_faults.WorkerWatch(loader, "training")
+    try:
+        _train_steps(parts, watch, state, epoch, steps_per_epoch, ctx, result)
+    except (RuntimeError, MemoryError) as error:
+        raise _one_line_failure(error, watch, state, epoch, ctx) from error
+    if not result.stopped:
+        state.epoch, state.batches_done = epoch, 0
+    result.seconds = time.time() - start
+    return result
+
+
+def _train_steps(parts: TrainingParts, watch: loader_faults.WorkerWatch, state: TrainState, epoch: int,
+                 steps_per_epoch: int, ctx: LoopContext, result: EpochResult) -> None:
+    cfg, logger = ctx.cfg, ctx.logger
+    accumulate = cfg.optim.accumulate_steps
+    first_step = state.batches_done // accumulate
     bar = _progress_bar(cfg, ctx.rank, steps_per_epoch, first_step, epoch)
-    groups = _micro_batch_groups(raise_worker_errors_cleanly(loader), accumulate, ctx, state)
-    for step_index, micro_batches in enumerate(itertools.islice(groups, max(0, steps_per_epoch - first_step)),
-                                               start=first_step):
+    groups = _micro_batch_groups(raise_worker_errors_cleanly(watch), accumulate, ctx, state)
+    steps = itertools.islice(groups, max(0, steps_per_epoch - first_step))
+    for step_index in itertools.count(first_step):
+        micro_batches = _next_group(steps)
+        # Agreed before the step's collectives: a rank whose worker stalled stops every rank here
+        # (the others wait in this all-reduce, shorter than runtime.dist_timeout_s, not in DDP's backward).
+        stalled = isinstance(micro_batches, loader_faults.WorkerStalled)
+        if distributed.any_rank(stalled, ctx.device):
+            ctx.stopper.stop_for(str(micro_batches) if stalled else "a stalled DataLoader worker on another rank",
+                                 faults.STOPPED_RESUMABLE)
+            result.stopped = True
+            break
+        if micro_batches is None:
+            break
         losses, total, grad_norm = accumulated_step(parts.train_model, parts.criterion, micro_batches,
                                                     parts.optimizer, cfg.optim.clip_max_norm, cfg.runtime.amp,
                                                     parts.scaler)
@@ -126,10 +153,32 @@ def train_one_epoch(parts: TrainingParts, loaders: Loaders, state: TrainState, e
             break
     if bar is not None:
         bar.close()
-    if not result.stopped:
-        state.epoch, state.batches_done = epoch, 0
-    result.seconds = time.time() - start
-    return result
+
+
+def _next_group(steps: Iterator[list[Batch]]) -> list[Batch] | loader_faults.WorkerStalled | None:
+    """The next group of micro-batches, None at the end of the epoch, or the stall."""
+    try:
+        return next(steps)
+    except StopIteration:
+        return None
+    except loader_faults.WorkerStalled as stall:
+        return stall
+
+
+def _one_line_failure(error: BaseException, watch: loader_faults.WorkerWatch, state: TrainState, epoch: int,
+                      ctx: LoopContext) -> BaseException:
+    """TrainingFailed for a dead DataLoader worker or an out-of-memory error (``error`` itself otherwise)."""
+    where = f"epoch {epoch}, step {state.step + 1}"
+    died = loader_faults.describe_worker_death(error, watch)
+    if died is not None:
+        message = f"{died} (at {where})"
+    elif loader_faults.is_out_of_memory(error):
+        message = loader_faults.describe_out_of_memory(error, ctx.cfg.optim.batch_size,
+                                                       ctx.cfg.optim.accumulate_steps, where)
+    else:
+        return error
+    return faults.TrainingFailed(f"error: {message}. Nothing was written for this step: "
+                                 f"{faults.resume_hint(ctx.nonfinite.run_dir)}")
 
 
 def optimizer_steps_per_epoch(micro_batches: int, cfg: Config) -> int:

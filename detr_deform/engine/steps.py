@@ -11,6 +11,7 @@ from torch import nn
 
 from detr_deform.data.coco import raise_worker_errors_cleanly
 from detr_deform.engine.coco_eval import detections_to_coco, evaluate_coco, gather_detections
+from detr_deform.engine.loader_faults import WorkerWatch
 from detr_deform.models.criterion import box_normalizer
 
 
@@ -135,7 +136,7 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader: Iterable, coco_
     image_ids: list[int] = []
     skipped: list[tuple[int, str]] = []
     nonfinite = 0
-    for images, targets in raise_worker_errors_cleanly(loader):
+    for images, targets in raise_worker_errors_cleanly(WorkerWatch(loader, "validation")):
         skipped += [record for image, t in zip(images, targets) if image is None for record in t["skipped"]]
         images, targets = zip(*[(i, t) for i, t in zip(images, targets) if i is not None]) or ((), ())
         if images:

@@ -30,6 +30,7 @@ from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
+from detr_deform.models.proposals import refuse_too_few_tokens
 from detr_deform.utils.files import append_line, write_text
 
 def train(cfg: Config) -> dict[str, float]:
@@ -69,6 +70,7 @@ def _train_in(run: ResolvedRun, lock: RunLock | None, cfg: Config, dist_info: di
                             pin_memory=dist_info.device.type == "cuda")
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders.train), cfg)
     parts = build_training(cfg, run.model_config(cfg), dist_info, steps_per_epoch, logger)
+    _refuse_too_few_proposals(parts.model, cfg, train_set, val_set)
     state, resumed = TrainState(), None
     if run.resume_path is not None:
         resumed = resume_training(run.resume_path, parts, dist_info.rank, cfg.runtime.allow_nonfinite_weights,
@@ -114,7 +116,8 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
     if cfg.runtime.init_from:
         report = init_from(model, cfg.runtime.init_from, allow_nonfinite=cfg.runtime.allow_nonfinite_weights)
         logger.console(f"init_from {cfg.runtime.init_from}: {len(report['loaded'])} tensors loaded, "
-                       f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing")
+                       f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing, "
+                       f"{len(report['unexpected'])} of the file's left unused")
     if dist_info.distributed and model_cfg.backbone_norm == "sync_bn":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr_scale = lr_scale_for(cfg.optim, dist_info.world_size)
@@ -157,6 +160,19 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
         path = save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
                                         val_set.category_names)
         ctx.logger.checkpoint("checkpoint_best", path)
+
+
+def _refuse_too_few_proposals(model: torch.nn.Module, cfg: Config, train_set: CocoDetection,
+                              val_set: CocoDetection) -> None:
+    """Two-stage: every input the data sizes give must have num_queries encoder tokens (before the first step)."""
+    if not model.two_stage:
+        return
+    def sizes(dataset: CocoDetection) -> list[tuple[int, int]]:
+        infos = (dataset.coco.imgs[i] for i in dataset.ids)
+        return [(info["height"], info["width"]) for info in infos if "height" in info and "width" in info]
+    refuse_too_few_tokens(model.num_queries, model.backbone.strides, model.num_feature_levels,
+                          {"training": (sizes(train_set), min(cfg.data.train_scales)),
+                           "validation": (sizes(val_set), cfg.data.val_size)}, cfg.data.max_size)
 
 
 def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger, lock: RunLock | None,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_deform.models.deformable_transformer import DeformableTransformer
+from detr_deform.models.proposals import check_tokens
 from detr_deform.utils.box_ops import inverse_sigmoid
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature, nested_tensor_from_tensor_list
 
@@ -140,6 +141,10 @@ class DeformableDETR(nn.Module):
             masks.append(mask)
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
 
+        if self.two_stage and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            # The proposal top-k needs num_queries tokens: one line instead of topk's "k out of range".
+            check_tokens(self.num_queries, sum(int(s.shape[-2]) * int(s.shape[-1]) for s in srcs),
+                         tuple(int(v) for v in samples.tensors.shape[-2:]))
         query_embeds = None if self.two_stage else self.query_embed.weight
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = self.transformer(
             srcs, masks, pos, query_embeds

@@ -6,6 +6,7 @@ FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
 FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)
 FAULT_SLEEP_S=0.2        sleep after every step (time to send a signal)
 FAULT_ANNOUNCE_SLEEP=1   ... printing "fault: sleeping after step N" first (an event a test can wait on)
+FAULT_OOM_AT_STEP=5      a real allocation of 1 PiB at this step (the CPU allocator's out-of-memory error)
 FAULT_EVAL_FAIL=1        the evaluation raises (after the first epoch's training)
 FAULT_LOG_FULL_AT_RECORD=5  writing the 5th log.jsonl record fails with ENOSPC (disk full)
 FAULT_DISK_FULL_AT_START=1  the first file the run writes fails with ENOSPC
@@ -61,6 +62,8 @@ def faulty_criterion(model_cfg):
 
 
 def faulty_step(*args, **kwargs):
+    if calls["step"] + 1 == int(os.environ.get("FAULT_OOM_AT_STEP", "0")):
+        torch.empty(1 << 50, dtype=torch.uint8)  # fails in the allocator, as a too large batch would
     result = train_step(*args, **kwargs)
     calls["step"] += 1
     rank_matches = CRASH_RANK is None or os.environ.get("RANK", "0") == CRASH_RANK

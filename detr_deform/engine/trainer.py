@@ -22,6 +22,7 @@ from detr_deform.engine.loop import (EpochResult, LoopContext, NonFinitePolicy, 
 from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
 from detr_deform.engine.run import ResolvedRun, resolve_data_root, resolve_run
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
+from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
@@ -129,19 +130,35 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
                            epoch: int, run: ResolvedRun, cfg: Config, ctx: LoopContext) -> None:
     """COCO evaluation (of the EMA weights when EMA is on); a new best AP writes checkpoint_best.pth."""
     eval_model = parts.eval_model
-    metrics, _, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
-                             cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
+    metrics, detections, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
+                                      cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
     state.metrics = metrics
     ctx.logger.record("val", state.step, {"epoch": epoch, **metrics}, tb_prefix="val")
     ctx.logger.console(f"epoch {epoch}: AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} "
                        f"AP75 {metrics['AP75']:.3f}")
+    threshold = calibrate_threshold(val_set, detections, state, ctx)
     log_prediction_images(ctx.logger, eval_model, parts.postprocessor, val_set, cfg.runtime.vis_images, ctx.device,
-                          state.step, val_set.category_names)
+                          state.step, val_set.category_names, threshold=threshold)
     if ctx.rank == 0 and metrics["AP"] > state.best_ap:
         state.best_ap = metrics["AP"]
         path = save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
                                         val_set.category_names)
         ctx.logger.checkpoint("checkpoint_best", path)
+
+
+def calibrate_threshold(val_set: CocoDetection, detections: list[dict], state: TrainState,
+                        ctx: LoopContext) -> float:
+    """The score threshold that maximises F1 on the validation detections (rank 0;
+    ``state.score_threshold``, hence the checkpoints); returns it, or the default
+    when the model found nothing right."""
+    if ctx.rank != 0:
+        return DEFAULT_SCORE_THRESHOLD
+    found = best_f1_threshold(val_set.coco.dataset["annotations"], detections,
+                              image_ids=val_set.coco.getImgIds(), step=state.step)
+    state.score_threshold = found.to_dict() if found is not None else None
+    ctx.logger.console(f"score threshold (maximum F1 on the validation set): {found.describe()}" if found else
+                       f"score threshold: no correct detection yet, the default {DEFAULT_SCORE_THRESHOLD} is used")
+    return found.threshold if found is not None else DEFAULT_SCORE_THRESHOLD
 
 
 def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:

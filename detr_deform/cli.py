@@ -3,6 +3,7 @@ with every problem as one line (before anything is created), and its usage text.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,7 @@ def config_from_hydra(cfg: DictConfig) -> Config:
 
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> Config:
     """What ``tools/train.py <overrides>`` would run with, or ConfigError (one line)."""
+    _check_not_flags(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
@@ -47,6 +49,22 @@ def precheck(argv: Sequence[str]) -> None:
     compose_config([arg for arg in argv if not arg.startswith("hydra.")])
 
 
+def _check_not_flags(overrides: Sequence[str]) -> None:
+    """``--experiment demo`` (a flag, as other tools take) where Hydra wants
+    ``experiment=demo``: say so, with the override meant, instead of the parser's
+    "LexerNoViableAltException"."""
+    for index, arg in enumerate(overrides):
+        if not arg.startswith("-") or arg.split("=")[0] in HYDRA_FLAGS:
+            continue
+        key, _, value = arg.lstrip("-").partition("=")
+        if not value and index + 1 < len(overrides) and not overrides[index + 1].startswith("-") \
+                and "=" not in overrides[index + 1]:
+            value = overrides[index + 1]
+        meant = f"{key}={value}" if key and value else "experiment=demo"
+        raise ConfigError(f"{arg}: not an option of tools/train.py; settings are given as key=value overrides, "
+                          f"e.g. {meant} (every key is in docs/configuration.md; python tools/train.py --help)")
+
+
 def _one_line(error: Exception) -> str:
     cause = error.__cause__
     text = str(error).splitlines()[0].strip() if str(error).strip() else type(error).__name__
@@ -56,6 +74,8 @@ def _one_line(error: Exception) -> str:
         return f"{first}; available: {', '.join(options)}" if options else first
     if isinstance(error, OverrideParseException):
         lines = [line.strip() for line in str(error).splitlines() if line.strip() and "hydra.cc" not in line]
+        # the parser's own class names ("LexerNoViableAltException: ...") mean nothing to a user
+        lines = [re.sub(r"^\w+(Exception|Error): ", "", line) for line in lines]
         return "; ".join(lines) + " (overrides are key=value, e.g. optim.lr=1e-4)"
     if cause is not None:
         detail = str(cause).splitlines()[0].strip()

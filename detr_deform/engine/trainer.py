@@ -28,7 +28,7 @@ from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
-from detr_deform.utils.files import write_text, writing
+from detr_deform.utils.files import OutputError, update_latest_link, write_text, writing
 
 def train(cfg: Config) -> dict[str, float]:
     """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).
@@ -169,6 +169,11 @@ def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     for path in faults.remove_stale_temporaries(run.run_dir):
         logger.console(f"removed {path.name}, left by an interrupted checkpoint write")
+    if not cfg.runtime.output_dir:  # runs/<experiment>/<time>: runs/<experiment>/latest names it
+        try:
+            update_latest_link(run.run_dir)
+        except OutputError as error:  # a convenience: never a reason to stop the run
+            logger.console(f"warning: {error} (runs/{cfg.experiment}/latest not updated)")
     write_text(run.run_dir / "config.yaml", run.config_yaml(cfg))
     logger.open(cfg.runtime, run.saved_config(cfg), cfg.experiment)
 

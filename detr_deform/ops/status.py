@@ -113,3 +113,16 @@ def build_statuses() -> list[BuildStatus]:
 def format_statuses(statuses: list[BuildStatus]) -> str:
     width = max(len(s.name) for s in statuses)
     return "\n".join(f"  {s.name:<{width}}  {s.state}\n  {'':<{width}}  {s.library}" for s in statuses)
+
+
+def operator_build_pending() -> Path | None:
+    """The operator library this machine would use when it has yet to be compiled
+    (missing, or older than its sources): the first forward pass then compiles it,
+    for a minute or so without output. None when it is ready."""
+    with_cuda = _build.cuda_requested()
+    if with_cuda and torch.version.cuda is None:
+        return None  # the build would fail at once, with its own message
+    name = "detr_deform_ops_cuda" if with_cuda else "detr_deform_ops_cpu"
+    library = _build.build_dir(with_cuda) / f"{name}.so"
+    sources = _build.SOURCE_FILES + (_build.CUDA_SOURCE_FILES if with_cuda else ())
+    return library if not library.is_file() or _stale(library, sources) else None

@@ -117,3 +117,27 @@ def test_a_run_prints_its_first_steps_and_links_latest(tiny_demo_root, tmp_path)
     (run_dir,) = [p for p in runs.iterdir() if p.name != "latest"]
     assert (runs / "latest").is_symlink() and (runs / "latest").resolve() == run_dir.resolve()
     assert (runs / "latest" / "checkpoint_last.pth").is_file()
+
+
+def test_dataset_browser_captions_an_image_without_objects(tiny_demo_root, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from detr_deform.data.transforms import official_resize_size
+    from test_tools import tool_module
+
+    status = tool_module("visualize").main(["dataset", "--images", str(tiny_demo_root / "val2017"), "--annotations",
+                                            str(tiny_demo_root / "annotations" / "instances_val2017.json"),
+                                            "--split", "val", "--num", "2", "--output-dir", str(tmp_path)])
+    assert status == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sizes = []
+    for name in ("val_00001.jpg", "val_00002.jpg"):
+        with Image.open(tiny_demo_root / "val2017" / name) as source:
+            sizes.append(official_resize_size(source.height, source.width, 800, 1333))  # (h, w) at val size
+    with Image.open(written[0]) as empty, Image.open(written[1]) as full:
+        # image 1 (every 25th demo image is empty): the picture, then a caption panel below it
+        assert empty.width == sizes[0][1] and empty.height > sizes[0][0]
+        assert empty.convert("RGB").getpixel((1, empty.height - 2)) == (0x20, 0x20, 0x20)
+        assert full.size == (sizes[1][1], sizes[1][0])  # objects drawn: no caption

@@ -141,3 +141,30 @@ def test_dataset_browser_captions_an_image_without_objects(tiny_demo_root, tmp_p
         assert empty.width == sizes[0][1] and empty.height > sizes[0][0]
         assert empty.convert("RGB").getpixel((1, empty.height - 2)) == (0x20, 0x20, 0x20)
         assert full.size == (sizes[1][1], sizes[1][0])  # objects drawn: no caption
+
+
+def test_plot_logs_shows_one_evaluation_with_markers_colours_and_the_training_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from test_tools import tool_module
+
+    plot_logs = tool_module("plot_logs")
+    records = [{"type": "train", "step": s, "loss": 10.0 / s} for s in range(50, 1501, 50)]
+    records.append({"type": "val", "step": 1500, "AP": 0.463, "AP50": 0.801, "AP75": 0.484})
+    figure, axis = plt.subplots()
+    plot_logs.plot_metrics(axis, [("demo", records)])
+    lines = axis.get_lines()
+    assert [line.get_label() for line in lines] == ["AP", "AP50", "AP75"]
+    assert len({line.get_marker() for line in lines}) == 3 and len({line.get_color() for line in lines}) == 3
+    low, high = axis.get_xlim()
+    assert low == 0 and 1500 < high <= 1600  # the training steps, not a +-80-step axis around one point
+    assert sorted(text.get_text() for text in axis.texts) == ["0.463", "0.484", "0.801"]
+    plt.close(figure)
+    figure, axis = plt.subplots()
+    plot_logs.plot_metrics(axis, [("a", records), ("b", records)])
+    colours = [line.get_color() for line in axis.get_lines()]
+    assert colours[:3] == [colours[0]] * 3 and colours[3] != colours[0] and not axis.texts  # colour per run
+    plt.close(figure)

@@ -168,3 +168,23 @@ def test_plot_logs_shows_one_evaluation_with_markers_colours_and_the_training_ax
     colours = [line.get_color() for line in axis.get_lines()]
     assert colours[:3] == [colours[0]] * 3 and colours[3] != colours[0] and not axis.texts  # colour per run
     plt.close(figure)
+
+
+def test_every_resnet_the_docs_list_has_a_preset():
+    import torch
+
+    from detr_deform.cli import compose_config
+    from detr_deform.models.backbone import ResNetBackbone
+    from detr_deform.models.config import RESNET_BACKBONES
+    from pipeline_helpers import ROOT
+
+    presets = {p.stem.removesuffix("_scratch") for p in (ROOT / "configs" / "backbone").glob("resnet*.yaml")}
+    assert set(RESNET_BACKBONES) <= presets
+    cfg = compose_config(["experiment=deformable_detr", "backbone=resnet34"])
+    assert (cfg.model.backbone, cfg.model.backbone_norm, cfg.model.freeze_stem_and_layer1) == \
+        ("resnet34", "frozen_bn", True)
+    backbone = ResNetBackbone("resnet34", norm=cfg.model.backbone_norm,
+                              freeze_stem_and_layer1=cfg.model.freeze_stem_and_layer1)
+    assert backbone.num_channels == [128, 256, 512]
+    features = backbone.body(torch.zeros(1, 3, 64, 64))
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(8, 8), (4, 4), (2, 2)]  # strides 8/16/32

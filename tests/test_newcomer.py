@@ -188,3 +188,51 @@ def test_every_resnet_the_docs_list_has_a_preset():
     assert backbone.num_channels == [128, 256, 512]
     features = backbone.body(torch.zeros(1, 3, 64, 64))
     assert [tuple(f.shape[-2:]) for f in features.values()] == [(8, 8), (4, 4), (2, 2)]  # strides 8/16/32
+
+
+def test_eval_reports_the_threshold_training_stored(trained_run, tmp_path):
+    import json
+
+    import torch
+
+    from test_tools import tool
+
+    checkpoint = trained_run[0] / "checkpoint_best.pth"
+    stored = torch.load(checkpoint, weights_only=True)["score_threshold"]  # every evaluation writes the key
+    done = tool("eval", checkpoint, "--output", tmp_path / "m.json", "--num-workers", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "m.json").read_text())["score_threshold"]
+    # the same images in the same batches as the run's evaluation: the same detections, the same calibration
+    if stored is None:
+        assert report is None and "no detection matches an object" in done.stdout
+        assert "the checkpoint stores no calibrated threshold: Detector and infer.py use 0.3" in done.stdout
+    else:
+        assert report == {**stored, "step": None}
+        assert f"the checkpoint's calibrated threshold, used by Detector and infer.py: {stored['threshold']:.3f}" \
+            in done.stdout
+
+
+def test_infer_lists_non_images_as_skipped_and_refuses_a_non_image_named_directly(trained_run, tiny_demo_root,
+                                                                                    tmp_path, capsys):
+    import json
+    import shutil
+
+    from test_tools import tool_module
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(tiny_demo_root / "val2017" / "val_00002.jpg", folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    infer = tool_module("infer")
+    checkpoint = str(trained_run[0] / "checkpoint_last.pth")
+    assert infer.main([checkpoint, str(folder), "--output-dir", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    index = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert index["skipped"] == [str(folder / "notes.txt")] and len(index["images"]) == 1
+    assert "skipped 1 file(s) that are neither images nor videos: notes.txt" in captured.err
+    assert "with score >= " in captured.out and ("(default)" in captured.out or "(calibrated" in captured.out)
+    assert infer.main([checkpoint, str(folder / "notes.txt"), "--output-dir", str(tmp_path / "out2")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {folder / 'notes.txt'} is neither an image nor a video") and "\n" not in error
+    assert "Errno" not in error and "1094995529" not in error

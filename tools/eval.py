@@ -108,6 +108,7 @@ def default_output(checkpoint: str) -> Path:
 
 def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     content = read_content(args.checkpoint)
+    stored_threshold = stored_score_threshold(content, args.checkpoint)  # a malformed entry: refused before the work
     saved_config = content.get("config", {}) if isinstance(content, dict) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWeightsWarning)  # reported below, next to the metrics
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
     print(format_metrics_table(metrics))
     calibration = best_f1_threshold(dataset.coco.dataset["annotations"], detections, dataset.coco.getImgIds())
-    print(threshold_report(calibration, stored_score_threshold(content, args.checkpoint)))
+    print(threshold_report(calibration, stored_threshold))
     if broken:
         print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "
               f"metrics are not meaningful", file=sys.stderr)

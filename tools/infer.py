@@ -162,9 +162,9 @@ def progress(total: int | None, unit: str, desc: str):
 
 
 def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace,
-               others: list[Path] = ()) -> dict[str, Any]:
+               others: list[Path] | None = None) -> dict[str, Any]:
     results = ImageResults(args.output_dir, detector.category_names)
-    results.skipped.extend(str(path) for path in others)  # in the folders given, neither images nor videos
+    results.skipped.extend(str(path) for path in others or [])  # in the folders given, neither images nor videos
     batch_size, used, bar = args.batch_size or DEFAULT_BATCH_SIZE, set(), progress(len(paths), "img", "inference")
     try:
         for start in range(0, len(paths), batch_size):

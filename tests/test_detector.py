@@ -1,5 +1,6 @@
 """detr_deform.Detector: every input kind, boxes in input pixels, threshold/topk,
 one-line errors naming the input, drawing; the readable-picture helpers."""
+import inspect
 import io
 
 import numpy as np
@@ -295,5 +296,4 @@ def test_the_calibrated_threshold_is_the_default(detector, trained_run, image_pa
     assert (other.score_threshold, other.score_threshold_source) == (DEFAULT_SCORE_THRESHOLD, "default")
     if stored is None:
         assert detector.score_threshold == DEFAULT_SCORE_THRESHOLD
-    import inspect
     assert inspect.signature(detr_deform.Detector.__call__).parameters["batch_size"].default == DEFAULT_BATCH_SIZE

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
         return
     print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
     print(format_metrics_table(metrics))
-    calibration = best_f1_threshold(dataset.coco.dataset["annotations"], detections, dataset.coco.getImgIds())
+    calibration = best_f1_threshold(dataset.coco.dataset.get("annotations", []), detections, dataset.coco.getImgIds())
     print(threshold_report(calibration, stored_threshold))
     if broken:
         print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "

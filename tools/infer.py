@@ -168,13 +168,14 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace,
     batch_size, used, bar = args.batch_size or DEFAULT_BATCH_SIZE, set(), progress(len(paths), "img", "inference")
     try:
         for start in range(0, len(paths), batch_size):
-            loaded = []
+            loaded, failure = [], None
             for path in paths[start:start + batch_size]:
                 try:
                     loaded.append((path, load_rgb_image(path)))
                 except DatasetError as error:
                     if not args.skip_unreadable:
-                        raise
+                        failure = error  # raised once the images before it in this batch have their results
+                        break
                     results.skipped.append(str(path))
                     print(f"warning: skipped {error}", file=sys.stderr)
             found = detector([image for _, image in loaded], threshold=args.threshold, topk=args.topk,
@@ -187,6 +188,8 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace,
                     save_image(detector.draw(image, detections), args.output_dir / drawn)
                 results.add(path, detections, drawn)
             results.flush()
+            if failure is not None:
+                raise failure
             if bar is not None:
                 bar.update(len(paths[start:start + batch_size]))
     except BaseException:

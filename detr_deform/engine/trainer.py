@@ -157,7 +157,7 @@ def calibrate_threshold(val_set: CocoDetection, detections: list[dict], state: T
     when the model found nothing right."""
     if ctx.rank != 0:
         return DEFAULT_SCORE_THRESHOLD
-    found = best_f1_threshold(val_set.coco.dataset["annotations"], detections,
+    found = best_f1_threshold(val_set.coco.dataset.get("annotations", []), detections,
                               image_ids=val_set.coco.getImgIds(), step=state.step)
     state.score_threshold = found.to_dict() if found is not None else None
     ctx.logger.console(f"score threshold (maximum F1 on the validation set): {found.describe()}" if found else

@@ -13,7 +13,9 @@ beside it). DST is written as
   detr_deform  our checkpoint (model, full configuration, category names)
 The weights are converted exactly (bitwise; the model is built and loaded strictly on the way).
 Category names travel (HF id2label <-> our category_names; official files keep them in an
-extra "category_names" entry the official code ignores). Fields a format has no place for
+extra "category_names" entry the official code ignores); so does the calibrated score
+threshold into our format (official and HF files have no place for it: the Detector's
+default 0.3 applies to them). Fields a format has no place for
 fall back to their defaults (docs/tools.md). Exit status: 2 for bad input (arguments, a
 missing or unreadable SRC, an existing DST without --overwrite), 1 when SRC cannot be
 written in the requested format.
@@ -31,6 +33,7 @@ import torch
 from detr_deform.checkpoint import CheckpointError, write_checkpoint
 from detr_deform.config import ConfigError, DataConfig
 from detr_deform.hf import save_hf
+from detr_deform.engine.score_threshold import stored_score_threshold
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
 
@@ -105,6 +108,7 @@ def convert(args: argparse.Namespace) -> int:
     try:
         content = read_content(args.src)
         model, cfg = model_from_content(content, args.src)
+        threshold = stored_score_threshold(content, args.src)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -119,7 +123,10 @@ def convert(args: argparse.Namespace) -> int:
             write_official(args.dst, model, cfg, names)
         else:
             config = {"model": cfg.to_dict(), "data": {"val_size": data.val_size, "max_size": data.max_size}}
-            save_checkpoint(args.dst, model, config, **({"category_names": dict(names)} if names else {}))
+            extra = {"category_names": dict(names)} if names else {}
+            if threshold is not None:  # the calibrated threshold of these weights travels with them
+                extra["score_threshold"] = {"threshold": threshold}
+            save_checkpoint(args.dst, model, config, **extra)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Public API::
 
     detector = detr_deform.Detector.from_pretrained(path)     # ours, official or Hugging Face; device="auto"
-    found = detector("photos/", threshold=0.5)                # per image (paths, folders, PIL, numpy, tensors):
+    found = detector("photos/")                               # per image (paths, folders, PIL, numpy, tensors):
     picture = detector.draw(found[0].source, found[0])        # boxes xyxy in its pixels, scores, names; drawn
     model, cfg = detr_deform.load_model(path, device="cpu")   # ours, official or Hugging Face; eval mode
     criterion = detr_deform.build_criterion(cfg)              # (outputs, targets) -> unweighted losses; .weight_dict

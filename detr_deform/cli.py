@@ -3,6 +3,7 @@ with every problem as one line (before anything is created), and its usage text.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -42,11 +43,15 @@ def hydra_mode(argv: Sequence[str]) -> bool:
     from hydra._internal.utils import get_args_parser  # Hydra's parser: its options, not a copy of them
 
     options = get_args_parser()._option_string_actions
-    for arg in argv:
+    for index, arg in enumerate(argv):
         if arg.startswith("-") and arg.split("=")[0] not in options:
-            name = arg.lstrip("-").split("=")[0]
-            raise ConfigError(f"{arg}: not an option of tools/train.py; overrides are key=value, e.g. {name}=..."
-                              f" (tools/train.py --help lists them; Hydra's own options: --hydra-help)")
+            key, _, value = arg.lstrip("-").partition("=")
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            if not value and following and not following.startswith("-") and "=" not in following:
+                value = following  # "--experiment demo": the override meant is experiment=demo
+            meant = f"{key}={value}" if key and value else "experiment=demo"
+            raise ConfigError(f"{arg}: not an option of tools/train.py; settings are given as key=value overrides, "
+                              f"e.g. {meant} (every key is in docs/configuration.md; python tools/train.py --help)")
     return any(arg.startswith("-") or arg.startswith("hydra.") for arg in argv)
 
 
@@ -59,6 +64,8 @@ def _one_line(error: Exception) -> str:
         return f"{first}; available: {', '.join(options)}" if options else first
     if isinstance(error, OverrideParseException):
         lines = [line.strip() for line in str(error).splitlines() if line.strip() and "hydra.cc" not in line]
+        # the parser's own class names ("LexerNoViableAltException: ...") mean nothing to a user
+        lines = [re.sub(r"^\w+(Exception|Error): ", "", line) for line in lines]
         return "; ".join(lines) + " (overrides are key=value, e.g. optim.lr=1e-4)"
     if cause is not None:
         detail = str(cause).splitlines()[0].strip()

@@ -1,7 +1,7 @@
 """The high-level Detector: a checkpoint ready to run on images of any kind.
 
     detector = detr_deform.Detector.from_pretrained("checkpoint.pth")
-    for found in detector(["photo.jpg", "folder/", pil_image, array, tensor], threshold=0.5):
+    for found in detector(["photo.jpg", "folder/", pil_image, array, tensor]):   # the calibrated threshold
         print(found.source, found.names, found.boxes)        # boxes xyxy in the input's pixels
     detector.draw("photo.jpg", detector("photo.jpg")[0]).save("drawn.png")
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import numbers
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE,
                                          official_resize_size)
+from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, stored_score_threshold
 from detr_deform.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
 from detr_deform.loading import model_from_content, read_content
 from detr_deform.models.build import build_postprocessor
@@ -30,6 +32,9 @@ from detr_deform.models.config import ModelConfig
 from detr_deform.models.postprocess import PostProcess
 from detr_deform.utils.device import resolve_device
 from detr_deform.visualization import MIN_SIDE, draw_detections
+
+DEFAULT_BATCH_SIZE = 8  # images per forward pass, for the Detector and tools/infer.py alike
+GROUP_WINDOW = 4        # batches of images loaded at a time, among which same-size images are batched together
 
 
 @dataclass
@@ -70,10 +75,17 @@ class Detector:
     most ``max_size`` (the checkpoint's training settings, else the official
     800/1333) — and normalised with the ImageNet mean and std; boxes come back in
     the input's pixels.
+
+    ``score_threshold`` is the default minimum score of a detection: the one that
+    maximised F1 on the validation set of the run (stored in our checkpoints at
+    each evaluation, see :mod:`detr_deform.engine.score_threshold`), else
+    ``DEFAULT_SCORE_THRESHOLD`` (0.3; official and Hugging Face files). The source
+    is in ``score_threshold_source``.
     """
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, category_names: dict[int, str] | None = None,
-                 val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE) -> None:
+                 val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE,
+                 score_threshold: float | None = None) -> None:
         if val_size < 1 or max_size < 1:
             raise InputError(f"val_size and max_size must be >= 1, got {val_size} and {max_size}")
         self.model = model.eval()
@@ -82,6 +94,9 @@ class Detector:
         self.val_size = val_size
         self.max_size = max_size
         self.postprocessor: PostProcess = build_postprocessor(cfg)
+        self.score_threshold = DEFAULT_SCORE_THRESHOLD if score_threshold is None else float(score_threshold)
+        self.score_threshold_source = ("default" if score_threshold is None else
+                                       "calibrated: maximum F1 on the validation set")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
@@ -101,7 +116,7 @@ class Detector:
         except ConfigError as error:
             raise CheckpointError(str(error)) from error
         return cls(model, cfg, category_names_of(content, cfg.num_classes, path), val_size or data.val_size,
-                   max_size or data.max_size)
+                   max_size or data.max_size, score_threshold=stored_score_threshold(content, path))
 
     @property
     def device(self) -> torch.device:
@@ -111,26 +126,48 @@ class Detector:
         return self.category_names.get(int(label), str(int(label)))
 
     @torch.no_grad()  # not inference_mode: its tensors would refuse in-place edits by the caller
-    def __call__(self, inputs: Inputs, threshold: float = 0.5, topk: int = 100,
-                 batch_size: int = 8) -> list[Detections]:
+    def __call__(self, inputs: Inputs, threshold: float | None = None, topk: int = 100,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
         """Detections for each image of ``inputs`` (a path, a folder, a PIL image, a
         numpy array, a tensor or a list of these; see :mod:`detr_deform.inputs`), in
         order: at most ``topk`` (query, class) pairs by score, those with a score of at
-        least ``threshold``.
+        least ``threshold`` (default: ``self.score_threshold``, the checkpoint's
+        calibrated threshold).
 
-        ``batch_size`` images run together; images of different sizes are padded to
-        the largest, which changes the predictions slightly (as in the official
-        model), so ``batch_size=1`` gives every image exactly its own result.
-        Images of the same size (video frames) are not padded.
+        Up to ``batch_size`` images of the same network input size run together:
+        images are loaded ``GROUP_WINDOW`` batches at a time and grouped by size, so
+        that no image is padded (padding to the largest image of a batch moves the
+        scores of this model, as of the official one). Every image gets its own
+        result whatever the batch size, up to float rounding.
         """
+        threshold = self.score_threshold if threshold is None else threshold
         _check_options(threshold, topk, batch_size)
         items = image_inputs(inputs)  # checks every input before any work
         results: list[Detections] = []
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            results.extend(self._detect([item.load() for item in batch], [item.source for item in batch],
-                                        threshold, topk))
+        window = batch_size * GROUP_WINDOW
+        for start in range(0, len(items), window):
+            results.extend(self._detect_window(items[start:start + window], threshold, topk, batch_size))
         return results
+
+    def _detect_window(self, items: list, threshold: float, topk: int, batch_size: int) -> list[Detections]:
+        """The detections of ``items`` in order, computed in batches of same-size network inputs."""
+        inputs, sizes = [], []
+        for item in items:
+            image = item.load()
+            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            inputs.append(self.preprocess(image))  # the original is not kept: a window holds network inputs only
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, tensor in enumerate(inputs):
+            groups[tuple(tensor.shape[-2:])].append(index)
+        found: list[Detections | None] = [None] * len(items)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                detections = self._detect([inputs[i] for i in chunk], [sizes[i] for i in chunk],
+                                          [items[i].source for i in chunk], threshold, topk)
+                for index, detection in zip(chunk, detections):
+                    found[index] = detection
+        return found  # type: ignore[return-value]  (every index is in one group)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 or float (0-1) image -> normalised (3, h, w) float32 at the
@@ -140,20 +177,21 @@ class Detector:
         image = F.resize(image.to(self.device), [height, width], antialias=True)
         return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
-    def _detect(self, images: list[torch.Tensor], sources: list[str], threshold: float,
-                topk: int) -> list[Detections]:
-        outputs = self.model([self.preprocess(image) for image in images])
-        sizes = torch.tensor([list(image.shape[-2:]) for image in images], device=self.device)
+    def _detect(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]], sources: list[str],
+                threshold: float, topk: int) -> list[Detections]:
+        """``inputs``: preprocessed (3, h, w) network inputs; ``sizes``: (H, W) of the original images."""
+        outputs = self.model(inputs)
         self.postprocessor.num_select = topk
-        results = self.postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, sizes)
+        results = self.postprocessor({k: outputs[k] for k in ("pred_logits", "pred_boxes")},
+                                     torch.tensor(sizes, device=self.device))
         found = []
-        for result, image, source in zip(results, images, sources):
+        for result, (height, width), source in zip(results, sizes, sources):
             keep = result["scores"] >= threshold
             labels = result["labels"][keep].cpu()
             found.append(Detections(boxes=result["boxes"][keep].float().cpu(), scores=result["scores"][keep].cpu(),
                                     labels=labels, names=[self.category_name(l) for l in labels.tolist()],
-                                    queries=result["queries"][keep].cpu(), width=int(image.shape[-1]),
-                                    height=int(image.shape[-2]), source=source))
+                                    queries=result["queries"][keep].cpu(), width=width, height=height,
+                                    source=source))
         return found
 
     def draw(self, image: ImageLike, detections: Detections, min_side: int = MIN_SIDE) -> Image.Image:
@@ -195,4 +233,4 @@ def category_names_of(content: Any, num_classes: int, path: str | os.PathLike = 
     return {i: str(i) for i in range(num_classes)}
 
 
-__all__ = ["Detections", "Detector", "category_names_of"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SCORE_THRESHOLD", "Detections", "Detector", "category_names_of"]

@@ -207,6 +207,19 @@ def collect_images(sources: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFI
     return found
 
 
+def other_files(sources: Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files of the folders among ``sources`` that :func:`collect_images` leaves
+    out (no suffix of ``suffixes``), sorted, for the tools to report as skipped;
+    hidden files (a name starting with ".", e.g. .DS_Store) are not listed."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() not in suffixes
+                                and not p.name.startswith(".")))
+    return found
+
+
 def is_video_file(path: Path) -> bool:
     """By suffix; a file with neither an image nor a video suffix is a video when
     PIL cannot identify it (PyAV then opens it, or says why not)."""
@@ -222,5 +235,6 @@ def is_video_file(path: Path) -> bool:
         return True
 
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "ImageInput", "InputError", "InputTypeError", "MissingInputError", "ImageLike", "Inputs", "array_to_tensor",
-           "collect_images", "image_inputs", "is_video_file", "pil_to_tensor", "tensor_to_image", "tensor_to_pil", "to_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "ImageInput", "ImageLike", "InputError", "InputTypeError", "Inputs",
+           "MissingInputError", "array_to_tensor", "collect_images", "image_inputs", "is_video_file", "other_files",
+           "pil_to_tensor", "tensor_to_image", "tensor_to_pil", "to_rgb"]

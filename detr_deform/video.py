@@ -3,7 +3,7 @@
 
     detector = detr_deform.Detector.from_pretrained("checkpoint.pth")
     with VideoReader("clip.mp4") as video, VideoWriter("drawn.mp4", video.fps) as out:
-        for frame in detect_video(detector, video, threshold=0.5):
+        for frame in detect_video(detector, video):     # the checkpoint's calibrated threshold
             out.write(detector.draw(frame.image, frame.detections))
 
 PyAV is imported only when a video is opened, so the rest of the package works
@@ -20,8 +20,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from detr_deform.detector import Detections, Detector
+from detr_deform.detector import DEFAULT_BATCH_SIZE, Detections, Detector
 from detr_deform.errors import DetrDeformError
+from detr_deform.inputs import VIDEO_SUFFIXES
 
 # Encoders tried in order, by output suffix (the first one this FFmpeg build has wins).
 ENCODERS = {".webm": ("libvpx-vp9", "libvpx"), ".avi": ("mpeg4",)}
@@ -66,7 +67,13 @@ class VideoReader:
         try:
             self._container = av.open(str(self.path))
         except av.FFmpegError as error:
-            raise VideoError(f"cannot open {self.path} as an image or a video: {error}") from error
+            # FFmpeg's "[Errno 1094995529] Invalid data ..." says nothing to a user: name the file and what it is not
+            reason = getattr(error, "strerror", None) or str(error)
+            if self.path.suffix.lower() in VIDEO_SUFFIXES:
+                raise VideoError(f"cannot open {self.path} as a video ({reason}): a damaged file, or not a "
+                                 f"video despite its name?") from error
+            raise VideoError(f"{self.path} is neither an image nor a video: PIL cannot identify it as an image "
+                             f"and FFmpeg cannot open it as a video ({reason}); pass image or video files") from error
         if not self._container.streams.video:
             self._container.close()
             raise VideoError(f"{self.path} has no video stream")
@@ -181,10 +188,11 @@ class FrameDetections:
                 "height": found["height"], "detections": found["detections"]}
 
 
-def detect_video(detector: Detector, video: VideoReader | str | os.PathLike, threshold: float = 0.5,
-                 topk: int = 100, batch_size: int = 8) -> Iterator[FrameDetections]:
+def detect_video(detector: Detector, video: VideoReader | str | os.PathLike, threshold: float | None = None,
+                 topk: int = 100, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[FrameDetections]:
     """Detections of every frame of ``video``, in order, ``batch_size`` frames per
-    forward pass (frames share a size, so batching changes no result)."""
+    forward pass (frames share a size, so batching changes no result); ``threshold``:
+    default ``detector.score_threshold`` (the checkpoint's calibrated one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     reader = video if isinstance(video, VideoReader) else VideoReader(video)
@@ -202,7 +210,7 @@ def detect_video(detector: Detector, video: VideoReader | str | os.PathLike, thr
             reader.close()
 
 
-def _detect_frames(detector: Detector, reader: VideoReader, frames: list[Frame], threshold: float,
+def _detect_frames(detector: Detector, reader: VideoReader, frames: list[Frame], threshold: float | None,
                    topk: int) -> Iterator[FrameDetections]:
     found = detector([f.image for f in frames], threshold=threshold, topk=topk, batch_size=len(frames))
     for frame, detections in zip(frames, found):

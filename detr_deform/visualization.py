@@ -272,6 +272,13 @@ def _wrap(text: str, font: Font, width: float, measure: ImageDraw.ImageDraw) -> 
     return lines
 
 
+def with_caption(picture: torch.Tensor | Image.Image, caption: str) -> Image.Image:
+    """``picture`` ((3, H, W) uint8 tensor or PIL image) with ``caption`` wrapped below it."""
+    if isinstance(picture, torch.Tensor):
+        picture = Image.fromarray(picture.detach().cpu().permute(1, 2, 0).contiguous().numpy())
+    return _with_caption(picture, caption)
+
+
 def _with_caption(canvas: Image.Image, caption: str | None) -> Image.Image:
     """``canvas`` with ``caption`` wrapped below it, white on dark grey."""
     if not caption:

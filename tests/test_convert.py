@@ -111,3 +111,16 @@ def test_exit_statuses_and_one_line_errors(tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
     assert convert.main([str(tmp_path / "gelu.pth"), str(tmp_path / "taken.pth"), "--to", "detr_deform",
                          "--overwrite"]) == 0
+
+
+def test_the_calibrated_threshold_travels_into_our_format_only(tmp_path, capsys):
+    from detr_deform.engine.score_threshold import stored_score_threshold
+
+    cfg = tiny_config()
+    save_checkpoint(tmp_path / "ours.pth", build_model(cfg), cfg, step=40,
+                    score_threshold={"threshold": 0.27, "f1": 0.8, "step": 40})
+    assert convert.main([str(tmp_path / "ours.pth"), str(tmp_path / "copy.pth"), "--to", "detr_deform"]) == 0
+    assert stored_score_threshold(read_checkpoint(tmp_path / "copy.pth")) == 0.27
+    assert convert.main([str(tmp_path / "ours.pth"), str(tmp_path / "official.pth"), "--to", "official"]) == 0
+    assert stored_score_threshold(read_checkpoint(tmp_path / "official.pth")) is None  # no place for it
+    capsys.readouterr()

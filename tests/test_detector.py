@@ -1,5 +1,6 @@
 """detr_deform.Detector: every input kind, boxes in input pixels, threshold/topk,
 one-line errors naming the input, drawing; the readable-picture helpers."""
+import inspect
 import io
 
 import numpy as np
@@ -147,8 +148,9 @@ def test_folder_batches_threshold_and_topk(detector, tiny_demo_root, tmp_path):
     assert [f.source for f in together] == [str(p) for p in files]
     for found, expected in zip(together, alone):
         assert_same(found, expected)
-    padded = detector(folder, **{**ALL, "batch_size": 3})  # padding: close, not identical
-    assert all(len(f) == len(e) for f, e in zip(padded, alone))
+    grouped = detector(folder, **{**ALL, "batch_size": 3})  # batched by size: no image is padded
+    for found, expected in zip(grouped, alone):
+        assert_same(found, expected)
     top = detector(folder, threshold=0.0, topk=3)
     assert all(len(f) == 3 and torch.equal(f.scores, f.scores.sort(descending=True).values) for f in top)
     cut = float(alone[0].scores.median())
@@ -253,3 +255,45 @@ def test_sampling_point_pictures_have_a_colour_bar_and_a_caption():
     buffer = io.BytesIO()
     captioned.save(buffer, format="PNG")
     assert buffer.tell() > 0
+
+
+def test_same_size_images_are_batched_together_in_input_order(detector, tiny_demo_root, monkeypatch):
+    files = sorted((tiny_demo_root / "val2017").glob("*.jpg"))
+    sizes = [Image.open(p).size for p in files]
+    alone = [detector(p, **ALL)[0] for p in files]
+    batches = []
+    forward = detector.model.forward
+    monkeypatch.setattr(detector.model, "forward", lambda inputs: batches.append(
+        {tuple(t.shape[-2:]) for t in inputs}) or forward(inputs))
+    together = detector(files, **{**ALL, "batch_size": 8})
+    assert all(len(shapes) == 1 for shapes in batches)  # never two sizes (padding) in one forward pass
+    assert len(batches) == len(set(sizes))               # one batch per size (7 images < 8 x GROUP_WINDOW)
+    assert [f.source for f in together] == [str(p) for p in files]
+    for found, expected in zip(together, alone):
+        # the same images, the same sizes; batching changes only the float rounding of batched kernels
+        assert_same(found, expected, box_px=1e-3, score=1e-5)
+
+
+def test_the_calibrated_threshold_is_the_default(detector, trained_run, image_path, tmp_path):
+    from detr_deform.checkpoint import read_checkpoint, write_checkpoint
+    from detr_deform.detector import DEFAULT_BATCH_SIZE, DEFAULT_SCORE_THRESHOLD
+
+    content = read_checkpoint(trained_run[0] / "checkpoint_best.pth")
+    stored = content["score_threshold"]  # written by every evaluation: None when nothing was found right
+    assert stored is None or stored["step"] == content["step"]
+    every = detector(image_path, **ALL)[0]
+    cut = float(every.scores[3])
+    write_checkpoint(tmp_path / "calibrated.pth", {**content, "score_threshold": {"threshold": cut,
+                                                                                   "step": content["step"]}})
+    calibrated = detr_deform.Detector.from_pretrained(tmp_path / "calibrated.pth", device="cpu")
+    assert calibrated.score_threshold == cut and calibrated.score_threshold_source.startswith("calibrated")
+    found = calibrated(image_path, topk=1000)[0]
+    assert len(found) == int((every.scores >= cut).sum()) >= 4
+    assert len(calibrated(image_path, threshold=0.0, topk=1000)[0]) == len(every)  # an explicit threshold wins
+    write_checkpoint(tmp_path / "other_step.pth", {**content, "score_threshold": {"threshold": cut,
+                                                                                   "step": content["step"] + 1}})
+    other = detr_deform.Detector.from_pretrained(tmp_path / "other_step.pth", device="cpu")
+    assert (other.score_threshold, other.score_threshold_source) == (DEFAULT_SCORE_THRESHOLD, "default")
+    if stored is None:
+        assert detector.score_threshold == DEFAULT_SCORE_THRESHOLD
+    assert inspect.signature(detr_deform.Detector.__call__).parameters["batch_size"].default == DEFAULT_BATCH_SIZE

@@ -189,7 +189,8 @@ def test_visualize_dataset_draws_augmented_ground_truth(tiny_demo_root, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     written = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(written) == 3
-    for path in written:
+    assert written[0].endswith("train_1.png")  # the demo's image 1 has no objects: a caption below it
+    for path in written[1:]:  # (tests/test_newcomer.py checks the captioned picture)
         with Image.open(path) as drawn:
             assert drawn.format == "PNG" and 480 <= min(drawn.size) <= 800  # official train scales
     usage = tool("visualize", "dataset", "--num", "1")

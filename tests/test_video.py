@@ -90,8 +90,9 @@ def test_writer_sizes_codecs_and_errors(tmp_path, monkeypatch):
         writer.write(Image.new("RGB", (64, 48), "#336699"))
     assert writer.codec.startswith("libvpx") and len(decoded(tmp_path / "small.webm")) == 1
     (tmp_path / "notes.txt").write_text("not a video")
-    with pytest.raises(VideoError, match="cannot open .*notes.txt as an image or a video"):
+    with pytest.raises(VideoError, match="notes.txt is neither an image nor a video: PIL cannot identify") as error:
         VideoReader(tmp_path / "notes.txt")
+    assert "Errno" not in str(error.value) and "1094995529" not in str(error.value)
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
     with pytest.raises(ModuleNotFoundError, match=r'pip install "detr_deform\[video\]"'):
         require_av()

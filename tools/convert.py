@@ -13,9 +13,11 @@ beside it). DST is written as
   detr_deform  our checkpoint (model, full configuration, category names)
 The weights are converted exactly (bitwise; the model is built and loaded strictly on the way).
 Category names travel (HF id2label <-> our category_names; official files keep them in an
-extra "category_names" entry the official code ignores). Fields a format has no place for
-fall back to their defaults (docs/tools.md). A DST that is SRC under any name (symlink, hard
-link, or SRC's own folder for --to hf) is refused.
+extra "category_names" entry the official code ignores); so does the calibrated score
+threshold into our format (official and HF files have no place for it: the Detector's
+default 0.3 applies to them). Fields a format has no place for fall back to their defaults
+(docs/tools.md). A DST that is SRC under any name (symlink, hard link, or SRC's own folder
+for --to hf) is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from detr_deform.checkpoint import CheckpointError, write_checkpoint
 from detr_deform.config import DataConfig
 from detr_deform.errors import EXIT_STATUS_HELP, run_tool
 from detr_deform.hf import save_hf
+from detr_deform.engine.score_threshold import stored_score_threshold
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.files import refuse_outputs_onto_inputs
@@ -106,6 +109,7 @@ def convert(args: argparse.Namespace) -> int:
         return 2
     content = read_content(args.src)
     model, cfg = model_from_content(content, args.src)
+    threshold = stored_score_threshold(content, args.src)
     names = content.get("category_names") if isinstance(content, dict) else None
     # The validation sizes travel too (our config's data section <-> HF's preprocessor_config.json).
     saved = content.get("config", {}) if isinstance(content, dict) else {}
@@ -116,7 +120,10 @@ def convert(args: argparse.Namespace) -> int:
         write_official(args.dst, model, cfg, names)
     else:
         config = {"model": cfg.to_dict(), "data": {"val_size": data.val_size, "max_size": data.max_size}}
-        save_checkpoint(args.dst, model, config, **({"category_names": dict(names)} if names else {}))
+        extra = {"category_names": dict(names)} if names else {}
+        if threshold is not None:  # the calibrated threshold of these weights travels with them
+            extra["score_threshold"] = {"threshold": threshold}
+        save_checkpoint(args.dst, model, config, **extra)
     variant = "two-stage" if cfg.two_stage else "box refinement" if cfg.with_box_refine else "plain"
     print(f"wrote {args.dst} ({args.to}: {cfg.backbone}, {variant}, {cfg.num_feature_levels} feature level(s), "
           f"{cfg.num_classes} classes) from {args.src}")

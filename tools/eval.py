@@ -6,7 +6,9 @@
     python tools/eval.py ckpt.pth --images /data/val --annotations /data/val.json --dump-detections dets.json
     torchrun --nproc_per_node=8 tools/eval.py ckpt.pth --coco-path /data/coco
 
-Prints the 12 COCO metrics and writes them as JSON (--output; default next to
+Prints the 12 COCO metrics and the score threshold that maximises detection F1
+on this set (IoU >= 0.5, same class; docs/evaluation.md) next to the one stored in
+the checkpoint, and writes them as JSON (--output; default next to
 the checkpoint as <name>.eval.json, or outputs/eval/<name>.eval.json when that
 folder is read-only). Distributed evaluation gives exactly the single-process
 result (every image is evaluated once). A checkpoint with NaN/inf weights is
@@ -36,6 +38,7 @@ from detr_deform.config import DataConfig
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine import distributed
 from detr_deform.engine.coco_eval import format_metrics_table
+from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold, stored_score_threshold
 from detr_deform.engine.steps import evaluate
 from detr_deform.models.build import build_postprocessor
 from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text
@@ -116,6 +119,7 @@ def default_output(checkpoint: str) -> Path:
 
 def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     content = read_content(args.checkpoint)
+    stored_threshold = stored_score_threshold(content, args.checkpoint)  # a malformed entry: refused before the work
     saved_config = content.get("config", {}) if isinstance(content, dict) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWeightsWarning)  # reported below, next to the metrics
@@ -147,16 +151,28 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
         return
     print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
     print(format_metrics_table(metrics))
+    calibration = best_f1_threshold(dataset.coco.dataset.get("annotations", []), detections, dataset.coco.getImgIds())
+    print(threshold_report(calibration, stored_threshold))
     if broken:
         print(f"WARNING: {len(broken)} weight tensor(s) of this checkpoint hold NaN/inf (e.g. {broken[:3]}): these "
               f"metrics are not meaningful", file=sys.stderr)
     write_text(output, json.dumps({"checkpoint": str(args.checkpoint), "annotations": str(annotations),
                                    "num_images": len(dataset), "metrics": metrics,
+                                   "score_threshold": calibration.to_dict() if calibration else None,
                                    "nonfinite_weight_tensors": broken}, indent=2))
     print(f"metrics written to {output}")
     if args.dump_detections:
         write_text(args.dump_detections, json.dumps(detections))
         print(f"{len(detections)} detections written to {args.dump_detections}")
+
+
+def threshold_report(calibration, stored: float | None) -> str:
+    """The F1-maximising score threshold of this evaluation, and the one Detector/infer.py use for the file."""
+    found = (f"score threshold with the best F1 on this set: {calibration.describe()}" if calibration else
+             "score threshold: no detection matches an object (F1 = 0 at every threshold)")
+    used = (f"the checkpoint's calibrated threshold, used by Detector and infer.py: {stored:.3f}" if stored is not None
+            else f"the checkpoint stores no calibrated threshold: Detector and infer.py use {DEFAULT_SCORE_THRESHOLD}")
+    return f"{found}\n{used}"
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,9 @@
 Images: <output-dir>/detections.json, a list of COCO-results-style entries
 {"image_id", "file_name", "category_id", "category_name", "bbox": [x, y, w, h], "score"}
 (image ids number the images from 1 in the order of "images" in
-<output-dir>/images.json, which also has "categories", "skipped" and "finished"),
+<output-dir>/images.json, which also has "categories", "skipped" — files of the
+folders given that are not images or videos, and unreadable images with
+--skip-unreadable — and "finished"),
 and with --draw a copy of every image with its boxes, names and scores (enlarged
 when under 512 pixels). Results are written as they come: every batch appends its
 entries to <output-dir>/detections.jsonl (one entry a line) and flushes it; the two
@@ -39,14 +41,14 @@ from typing import Any, Iterator
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.detector import Detections, Detector
-from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file
+from detr_deform.detector import DEFAULT_BATCH_SIZE, Detections, Detector
 from detr_deform.errors import EXIT_STATUS_HELP, DetrDeformError, run_tool
+from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file, other_files
 from detr_deform.utils.device import resolve_device
 from detr_deform.utils.files import OutputError, atomic_open, refuse_outputs_onto_inputs, same_file, writing
 from detr_deform.visualization import save_image
 
-VIDEO_BATCH = 8  # frames share a size: batching them changes no result
+VIDEO_BATCH = DEFAULT_BATCH_SIZE  # frames share a size: batching them changes no result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,12 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("checkpoint")
     parser.add_argument("inputs", nargs="+", help="image or video files, folders or glob patterns (quote globs)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/infer"))
-    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score kept (JSON and drawings)")
+    parser.add_argument("--threshold", type=float,
+                        help="minimum score kept (JSON and drawings); default: the checkpoint's calibrated threshold "
+                             "(maximum F1 on its validation set), else 0.3 (official and Hugging Face files)")
     parser.add_argument("--topk", type=int, default=100, help="at most this many detections per image")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int,
-                        help=f"images per forward pass (default 1: each image exactly as alone; padding a batch "
-                             f"changes results slightly); video frames: default {VIDEO_BATCH}")
+                        help=f"images of the same size per forward pass (default {DEFAULT_BATCH_SIZE}, as the Python "
+                             f"Detector; images are grouped by size, never padded, so results do not depend on it)")
     parser.add_argument("--val-size", type=int, help="shorter side (default: the checkpoint's, else 800)")
     parser.add_argument("--max-size", type=int, help="longer-side limit (default: the checkpoint's, else 1333)")
     parser.add_argument("--draw", action="store_true", help="also write images (and videos) with the detections drawn")
@@ -203,18 +207,21 @@ def progress(total: int | None, unit: str, desc: str):
     return tqdm(total=total, unit=unit, desc=desc)
 
 
-def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace,
+               others: list[Path] | None = None) -> dict[str, Any]:
     results = ImageResults(args.output_dir, detector.category_names)
-    batch_size, bar = args.batch_size or 1, progress(len(paths), "img", "inference")
+    results.skipped.extend(str(path) for path in others or [])  # in the folders given, neither images nor videos
+    batch_size, bar = args.batch_size or DEFAULT_BATCH_SIZE, progress(len(paths), "img", "inference")
     try:
         for start in range(0, len(paths), batch_size):
-            loaded = []
+            loaded, failure = [], None
             for path in paths[start:start + batch_size]:
                 try:
                     loaded.append((path, load_rgb_image(path)))
                 except DatasetError as error:
                     if not args.skip_unreadable:
-                        raise
+                        failure = error  # raised once the images before it in this batch have their results
+                        break
                     results.skipped.append(str(path))
                     print(f"warning: skipped {error}", file=sys.stderr)
             found = detector([image for _, image in loaded], threshold=args.threshold, topk=args.topk,
@@ -227,6 +234,8 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) 
                     save_image(detector.draw(image, detections), args.output_dir / drawn)
                 results.add(path, detections, drawn)
             results.flush()
+            if failure is not None:
+                raise failure
             if bar is not None:
                 bar.update(len(paths[start:start + batch_size]))
     except BaseException:
@@ -239,9 +248,12 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace) 
         if bar is not None:
             bar.close()
     results.finish(finished=True)
-    print(f"{len(results.images)} images, {results.count} detections with score >= {args.threshold} -> "
+    threshold = detector.score_threshold if args.threshold is None else args.threshold
+    source = detector.score_threshold_source if args.threshold is None else "--threshold"
+    print(f"{len(results.images)} images, {results.count} detections with score >= {threshold:.3g} ({source}) -> "
           f"{args.output_dir / 'detections.json'}" + (f"; drawings in {args.output_dir}" if args.draw else "")
-          + (f"; skipped {len(results.skipped)} unreadable file(s)" if results.skipped else ""))
+          + (f"; skipped {len(results.skipped)} file(s), not images or unreadable (listed under \"skipped\" in "
+             f"images.json)" if results.skipped else ""))
     return {"images": results.images, "detections": results.count}
 
 
@@ -280,16 +292,19 @@ def run_video(detector: Detector, path: Path, args: argparse.Namespace, used: se
             "drawn": str(video_path) if video_path else None, "frames_per_s": frames / max(elapsed, 1e-9)}
 
 
-def split_inputs(sources: list[str]) -> tuple[list[Path], list[Path]]:
-    """(image files, video files) among the sources, each in the order given."""
+def split_inputs(sources: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """(image files, video files, other files of the folders given) among the sources, each in the order given."""
     files = collect_images(sources, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     videos = [f for f in files if is_video_file(f)]
     chosen = set(videos)
-    return [f for f in files if f not in chosen], videos
+    return [f for f in files if f not in chosen], videos, other_files(sources, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    images, videos = split_inputs(args.inputs)
+    images, videos, others = split_inputs(args.inputs)
+    if others:
+        print(f"warning: skipped {len(others)} file(s) that are neither images nor videos: "
+              f"{', '.join(p.name for p in others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     check_outputs(images, videos, args)
     if videos:
         from detr_deform.video import require_av  # fail before loading the model
@@ -301,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
     if images:
-        summary.update(run_images(detector, images, args))
+        summary.update(run_images(detector, images, args, others))
     used: set[str] = set()
     summary["videos"] = [run_video(detector, video, args, used) for video in videos]
     return summary

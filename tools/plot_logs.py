@@ -6,7 +6,10 @@
     python tools/plot_logs.py runs/x/log.jsonl --losses loss loss_ce loss_giou --smooth 50
 
 Panels: the total loss and each loss term (train steps, optionally smoothed),
-the learning rate, and COCO AP / AP50 / AP75 against the training step.
+the learning rate, and COCO AP / AP50 / AP75 against the training step — each
+metric with its own marker (and colour, for one run), on the step axis of the
+training panels; with few evaluations of one run (a demo evaluates once) every
+point is labelled with its value.
 Reads the JSON-lines log every run writes (<run>/log.jsonl).
 """
 from __future__ import annotations
@@ -22,6 +25,9 @@ from detr_deform.utils.files import writing
 
 DEFAULT_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
 METRICS = ("AP", "AP50", "AP75")
+METRIC_MARKERS = {"AP": "o", "AP50": "s", "AP75": "^"}
+METRIC_STYLES = {"AP": "-", "AP50": "--", "AP75": ":"}
+FEW_POINTS = 5  # evaluations per curve up to which each point is labelled with its value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,11 +87,9 @@ def plot(runs: list[tuple[str, list[dict]]], losses: list[str], window: int, out
 
     panels = [(f"train {key}", "train", [key]) for key in losses]
     panels.append(("learning rate", "train", ["lr"]))
-    panels.append(("COCO AP (val)", "val", list(METRICS)))
     columns = 3
-    rows = math.ceil(len(panels) / columns)
+    rows = math.ceil((len(panels) + 1) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
-    styles = {"AP": "-", "AP50": "--", "AP75": ":"}
     for axis, (title, kind, keys) in zip(axes.flat, panels):
         for index, (label, records) in enumerate(runs):
             colour = f"C{index % 10}"
@@ -98,9 +102,7 @@ def plot(runs: list[tuple[str, list[dict]]], losses: list[str], window: int, out
                     continue
                 if kind == "train" and key != "lr" and not key.startswith("lr_"):
                     values = smooth(values, window)
-                name = label if len(keys) == 1 else f"{label} {key}"
-                axis.plot(steps, values, styles.get(key, "-"), color=colour, label=name,
-                          marker="o" if kind == "val" else None, markersize=3)
+                axis.plot(steps, values, "-", color=colour, label=label)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -109,13 +111,44 @@ def plot(runs: list[tuple[str, list[dict]]], losses: list[str], window: int, out
                 axis.set_yscale("log")
         if axis.get_lines():
             axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
+    plot_metrics(list(axes.flat)[len(panels)], runs)
+    for axis in list(axes.flat)[len(panels) + 1:]:
         axis.set_visible(False)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=100)
     plt.close(figure)
     return output
+
+
+def plot_metrics(axis, runs: list[tuple[str, list[dict]]]) -> None:
+    """COCO AP / AP50 / AP75 against the step: a marker per metric, a colour per metric
+    (one run) or per run (several); the x axis spans the training steps, as the other
+    panels do, so that one evaluation is a point at the end of training, not alone on
+    an axis of its own; values written beside the points when there are few."""
+    last_step = max((r["step"] for _, records in runs for r in records if isinstance(r.get("step"), (int, float))),
+                    default=0)
+    for index, (label, records) in enumerate(runs):
+        for number, key in enumerate(METRICS):
+            steps, values = series(records, "val", key)
+            if not steps:
+                continue
+            colour = f"C{number % 10}" if len(runs) == 1 else f"C{index % 10}"
+            name = key if len(runs) == 1 else f"{label} {key}"
+            axis.plot(steps, values, METRIC_STYLES[key], color=colour, label=name, marker=METRIC_MARKERS[key],
+                      markersize=7 if len(steps) <= FEW_POINTS else 4)
+            if len(steps) <= FEW_POINTS and len(runs) == 1:  # several runs: the legend, not crowded labels
+                for step, value in zip(steps, values):
+                    axis.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(-8, 0),
+                                  ha="right", va="center", fontsize=7, color=colour)
+    axis.set_title("COCO AP (val)")
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.set_xlim(0, max(1, last_step) * 1.04)
+    tops = [v for line in axis.get_lines() for v in line.get_ydata()]
+    axis.set_ylim(0, min(1.0, max(tops, default=1.0) + 0.08) if tops else 1.0)
+    if axis.get_lines():
+        axis.legend(fontsize=7, loc="lower right")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,7 +140,7 @@ def dataset_samples(args: argparse.Namespace) -> list[Path]:
     from detr_deform.data.coco import CocoDetection
     from detr_deform.data.transforms import build_transforms
     from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
-    from detr_deform.visualization import denormalize, draw_boxes, save_image
+    from detr_deform.visualization import denormalize, draw_boxes, save_image, with_caption
 
     data = _data_settings(args)
     if args.demo:
@@ -161,8 +161,18 @@ def dataset_samples(args: argparse.Namespace) -> list[Path]:
         labels = target["labels"].tolist()
         captions = [dataset.category_names.get(l, str(l)) for l in labels]
         drawn = draw_boxes(denormalize(image), boxes, captions, labels)
+        if not labels:  # a bare picture would look like a failure to draw
+            drawn = with_caption(drawn, _no_objects_caption(dataset, int(target["image_id"])))
         written.append(save_image(drawn, args.output_dir / f"{args.split}_{int(target['image_id'])}.png"))
     return written
+
+
+def _no_objects_caption(dataset, image_id: int) -> str:
+    annotated = len(dataset.coco.getAnnIds(imgIds=[image_id]))
+    if annotated:
+        return (f"No objects drawn: image {image_id} has {annotated} annotation(s), none left after the "
+                f"augmentations (cropped out, or too small or crowd).")
+    return f"No objects: image {image_id} has no annotations (an image without objects)."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -87,10 +90,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng: random.Random, category: int, bo
             draw.polygon([(x0, y0), (x1, y0), ((x0 + x1) / 2, y1)], fill=colour)
 
 
-def _make_split(folder: Path, split: str, count: int, seed: int) -> dict:
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY = 300  # images between progress lines (~1 s of work on a free core)
+
+
+def _make_split(folder: Path, split: str, count: int, seed: int,
+                progress: Callable[[str], None] | None = None) -> dict:
     rng = random.Random(seed)
     images, annotations = [], []
     for index in range(count):
+        if progress is not None and index and index % PROGRESS_EVERY == 0:
+            progress(f"demo dataset: {split} {index}/{count} images")
         width, height = rng.choice([(160, 160), (192, 144), (144, 192), (176, 160)])
         image = _background(rng, width, height)
         draw = ImageDraw.Draw(image)
@@ -123,23 +136,31 @@ def _make_split(folder: Path, split: str, count: int, seed: int) -> dict:
             "images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
-def ensure_demo_dataset(root: str | Path | None = None, sizes: dict[str, int] | None = None) -> Path:
+def ensure_demo_dataset(root: str | Path | None = None, sizes: dict[str, int] | None = None,
+                        progress: Callable[[str], None] | None = _print_progress) -> Path:
     """Creates the demo dataset under ``root`` (default ~/.cache/detr_deform/demo_vN,
     or $DETR_DEFORM_DATA/demo_vN) unless it is already there; returns the root,
     laid out like COCO: train2017/, val2017/, annotations/instances_{train,val}2017.json.
-    ``sizes`` overrides the number of images per split (e.g. tiny sets for tests)."""
+    ``sizes`` overrides the number of images per split (e.g. tiny sets for tests).
+    ``progress`` gets a line when generation starts, every few hundred images and at
+    the end (default: printed on stderr; None: silent)."""
     root = Path(root) if root is not None else default_demo_root()
     if (root / "annotations" / "instances_val2017.json").is_file():
         return root
+    counts = {split: (sizes or {}).get(split, count) for split, (count, _) in SPLITS.items()}
+    started = time.perf_counter()
+    if progress is not None:
+        progress(f"demo dataset: generating {' + '.join(f'{n} {split}' for split, n in counts.items())} images "
+                 f"in {root} (once; set DETR_DEFORM_DATA to put it elsewhere)")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         (staging / "annotations").mkdir()
-        for split, (count, seed_offset) in SPLITS.items():
-            count = (sizes or {}).get(split, count)
+        for split, (_, seed_offset) in SPLITS.items():
             folder = staging / f"{split}2017"
             folder.mkdir()
-            content = _make_split(folder, split, count, seed=DEMO_VERSION * 1000 + seed_offset)
+            content = _make_split(folder, split, counts[split], seed=DEMO_VERSION * 1000 + seed_offset,
+                                  progress=progress)
             with open(staging / "annotations" / f"instances_{split}2017.json", "w", encoding="utf-8") as handle:
                 json.dump(content, handle)
         try:
@@ -150,4 +171,6 @@ def ensure_demo_dataset(root: str | Path | None = None, sizes: dict[str, int] | 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    if progress is not None:
+        progress(f"demo dataset: ready in {time.perf_counter() - started:.1f} s")
     return root

@@ -21,6 +21,8 @@ from detr_deform.engine.run_logger import RunLogger
 from detr_deform.engine.state import TrainState
 from detr_deform.engine.steps import Batch, accumulated_step, move_targets
 
+EARLY_STEPS = (1, 2, 5, 10)  # steps that print a console line before the first log_every line (no bar)
+
 
 @dataclass
 class NonFinitePolicy:
@@ -112,6 +114,7 @@ def _train_steps(parts: TrainingParts, watch: loader_faults.WorkerWatch, state: 
     accumulate = cfg.optim.accumulate_steps
     first_step = state.batches_done // accumulate
     bar = _progress_bar(cfg, ctx.rank, steps_per_epoch, first_step, epoch)
+    start = time.time()  # the early steps' console lines give the time per step
     groups = _micro_batch_groups(raise_worker_errors_cleanly(watch), accumulate, ctx, state)
     steps = itertools.islice(groups, max(0, steps_per_epoch - first_step))
     for step_index in itertools.count(first_step):
@@ -147,6 +150,10 @@ def _train_steps(parts: TrainingParts, watch: loader_faults.WorkerWatch, state: 
             if state.step % cfg.runtime.log_every == 0 or step_index == steps_per_epoch - 1:
                 _log_step(logger, parts.optimizer, state.step, epoch, step_index, steps_per_epoch, losses, total,
                           grad_norm, console=bar is None)
+            elif bar is None and state.step in EARLY_STEPS:  # console only: the log keeps its log_every rhythm
+                logger.console(f"epoch {epoch} step {step_index + 1}/{steps_per_epoch} loss {total:.4f} "
+                               f"({(time.time() - start) / (step_index + 1 - first_step):.2f} s/step; then a line "
+                               f"every runtime.log_every={cfg.runtime.log_every} steps)")
         state.epoch, state.batches_done = epoch, (step_index + 1) * accumulate
         if ctx.stopper.requested(ctx.device):
             result.stopped = True

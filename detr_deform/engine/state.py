@@ -25,6 +25,8 @@ class TrainState:
     nonfinite_skips: int = 0
     skipped_images: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # the F1-maximising score threshold of the last evaluation (ScoreThreshold.to_dict(), with its step)
+    score_threshold: dict[str, Any] | None = None
 
     @property
     def next_epoch(self) -> int:
@@ -35,7 +37,7 @@ class TrainState:
         """The checkpoint entries (top-level keys of our checkpoint files)."""
         return {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "metrics": self.metrics,
                 "batches_done": self.batches_done, "nonfinite_skips": self.nonfinite_skips,
-                "skipped_images": self.skipped_images}
+                "skipped_images": self.skipped_images, "score_threshold": self.score_threshold}
 
     def load_state_dict(self, content: dict[str, Any]) -> None:
         """From a checkpoint's content; keys that older checkpoints lack keep their defaults."""
@@ -46,6 +48,7 @@ class TrainState:
         self.batches_done = int(content.get("batches_done", 0))
         self.nonfinite_skips = int(content.get("nonfinite_skips", 0))
         self.skipped_images = int(content.get("skipped_images", 0))
+        self.score_threshold = content.get("score_threshold")
 
 
 def seed_everything(seed: int) -> None:

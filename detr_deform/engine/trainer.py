@@ -25,13 +25,15 @@ from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
 from detr_deform.engine.run import ResolvedRun, inexact_resume_note, resolve_data_root, resolve_run, resume_record
 from detr_deform.engine.run_dir import RunLock
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
+from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
 from detr_deform.loading import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.proposals import refuse_too_few_tokens
-from detr_deform.utils.files import append_line, write_text
+from detr_deform.ops.status import operator_build_pending
+from detr_deform.utils.files import OutputError, append_line, update_latest_link, write_text
 
 def train(cfg: Config) -> dict[str, float]:
     """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).
@@ -82,6 +84,9 @@ def _train_in(run: ResolvedRun, lock: RunLock | None, cfg: Config, dist_info: di
     nonfinite = NonFinitePolicy(cfg.runtime.on_nonfinite, cfg.runtime.max_nonfinite_skips, run.run_dir,
                                 dist_info.is_main)
     ctx = LoopContext(cfg, dist_info.device, dist_info.rank, logger, stopper, nonfinite)
+    pending = operator_build_pending() if cfg.model.attn_impl != "pytorch" else None
+    if pending is not None:
+        logger.console(f"compiling the MSDeformAttn operator on first use (about a minute; cached in {pending.parent})")
 
     for epoch in range(state.next_epoch, cfg.optim.epochs):
         result = train_one_epoch(parts, loaders, state, epoch, ctx)
@@ -147,14 +152,15 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
                            epoch: int, run: ResolvedRun, cfg: Config, ctx: LoopContext) -> None:
     """COCO evaluation (of the EMA weights when EMA is on); a new best AP writes checkpoint_best.pth."""
     eval_model = parts.eval_model
-    metrics, _, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
-                             cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
+    metrics, detections, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
+                                      cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
     state.metrics = metrics
     ctx.logger.record("val", state.step, {"epoch": epoch, **metrics}, tb_prefix="val")
     ctx.logger.console(f"epoch {epoch}: AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} "
                        f"AP75 {metrics['AP75']:.3f}")
+    threshold = calibrate_threshold(val_set, detections, state, ctx)
     log_prediction_images(ctx.logger, eval_model, parts.postprocessor, val_set, cfg.runtime.vis_images, ctx.device,
-                          state.step, val_set.category_names)
+                          state.step, val_set.category_names, threshold=threshold)
     if ctx.rank == 0 and metrics["AP"] > state.best_ap:
         state.best_ap = metrics["AP"]
         path = save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
@@ -175,6 +181,21 @@ def _refuse_too_few_proposals(model: torch.nn.Module, cfg: Config, train_set: Co
                            "validation": (sizes(val_set), cfg.data.val_size)}, cfg.data.max_size)
 
 
+def calibrate_threshold(val_set: CocoDetection, detections: list[dict], state: TrainState,
+                        ctx: LoopContext) -> float:
+    """The score threshold that maximises F1 on the validation detections (rank 0;
+    ``state.score_threshold``, hence the checkpoints); returns it, or the default
+    when the model found nothing right."""
+    if ctx.rank != 0:
+        return DEFAULT_SCORE_THRESHOLD
+    found = best_f1_threshold(val_set.coco.dataset.get("annotations", []), detections,
+                              image_ids=val_set.coco.getImgIds(), step=state.step)
+    state.score_threshold = found.to_dict() if found is not None else None
+    ctx.logger.console(f"score threshold (maximum F1 on the validation set): {found.describe()}" if found else
+                       f"score threshold: no correct detection yet, the default {DEFAULT_SCORE_THRESHOLD} is used")
+    return found.threshold if found is not None else DEFAULT_SCORE_THRESHOLD
+
+
 def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger, lock: RunLock | None,
                      resumed: Resumed | None, world_size: int) -> None:
     """Rank 0, once the resume (if any) is known to fit, holding the directory's lock: the
@@ -184,6 +205,11 @@ def _start_run_files(run: ResolvedRun, cfg: Config, logger: RunLogger, lock: Run
         return
     for path in lock.remove_stale_temporaries():
         logger.console(f"removed {path.name}, left by an interrupted write")
+    if not cfg.runtime.output_dir:  # runs/<experiment>/<time>: runs/<experiment>/latest names it
+        try:
+            update_latest_link(run.run_dir)
+        except OutputError as error:  # a convenience: never a reason to stop the run
+            logger.console(f"warning: {error} (runs/{cfg.experiment}/latest not updated)")
     config_file = run.run_dir / "config.yaml"
     existed = config_file.exists()
     if not existed:

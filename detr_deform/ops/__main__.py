@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     flavour.add_argument("--emulation", action="store_true",
                          help="the CPU emulation of the CUDA kernels (test harness) instead of the operator")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
-    sub.add_parser("info", help="print where the sources and builds are")
+    sub.add_parser("info", help="print where the sources and builds are, and which builds exist and work")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CUDA requested: {_build.cuda_requested()}")
         print(f"build dir:      {_build.build_dir(_build.cuda_requested())}")
         print(f"emulation dir:  {_build.build_dir(False, flavour='cuda-emulation')}")
+        from detr_deform.ops.status import build_statuses, format_statuses  # loads the builds: only for info
+
+        print("builds (cached libraries; the one this machine uses is loaded and run once):")
+        print(format_statuses(build_statuses()))
         return 0
 
     with_cuda = True if args.cuda else False if args.cpu else None

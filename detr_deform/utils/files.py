@@ -135,3 +135,25 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+LATEST = "latest"
+
+
+def update_latest_link(run_dir: str | os.PathLike) -> Path:
+    """Points ``<run_dir>/../latest`` at ``run_dir`` (a relative symlink), atomically:
+    a symlink under a temporary name, then ``os.replace`` over the old one, so that
+    ``runs/<experiment>/latest`` always names a run directory that exists, never a
+    half-made link. Returns the link; OutputError when it cannot be made."""
+    run_dir = Path(run_dir)
+    link = run_dir.parent / LATEST
+    with writing(link):
+        tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)  # left by a process of the same id killed in between
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return link

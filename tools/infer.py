@@ -27,8 +27,9 @@ never takes the name of the picture it was made from (``<stem>.drawn.<format>`` 
 and the results of an earlier run in --output-dir are replaced only with --overwrite.
 
 Exit status: 0 done; 2 bad input or arguments (missing or unreadable files, unusable
-checkpoint, no such device, an output onto an input, earlier results without --overwrite); 1 other expected failures (outputs cannot be written,
-e.g. a full disk; PyAV missing for a video); 130 interrupted (results so far kept).
+checkpoint, no such device, an output onto an input, earlier results without --overwrite);
+1 other expected failures (outputs cannot be written, e.g. a full disk; PyAV missing for a
+video); 130 interrupted (results so far kept).
 """
 from __future__ import annotations
 

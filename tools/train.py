@@ -9,8 +9,9 @@
 Configuration: configs/ (Hydra); every key is documented in docs/configuration.md.
 Exit status: 0 done; 2 a configuration, data or checkpoint problem, a run directory in use by another
 live run, or a non-finite loss (one line on stderr, from the first process of each machine); 1 a run
-file that could not be written (disk full: one line naming it); 128+N stopped by signal N after writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130 after a second Ctrl-C
-(nothing saved for the current step).
+file that could not be written (disk full: one line naming it); 128+N stopped by signal N after
+writing a checkpoint (143 for SIGTERM, 130 for Ctrl-C); 130 after a second Ctrl-C (nothing saved
+for the current step).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from detr_deform import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
+from detr_deform.checkpoint import write_checkpoint
 from detr_deform.cli import compose_config
 from detr_deform.config import ConfigError
 from detr_deform.loading import NonFiniteWeightsWarning
@@ -42,7 +43,7 @@ def saved(tmp_path_factory):
 def _rewrite_config(path, target, **changes):
     content = torch.load(path, weights_only=True)
     content["config"]["model"].update(changes)
-    torch.save(content, target)
+    write_checkpoint(target, content)  # edited and sealed again (new checksums): the values are what is checked
     return target
 
 
@@ -62,7 +63,7 @@ def test_stored_config_is_validated_like_a_config(saved, tmp_path, changes, mess
 def _rewrite(path, target, edit):
     content = torch.load(path, weights_only=True)
     edit(content)
-    torch.save(content, target)
+    write_checkpoint(target, content)  # edited and sealed again (new checksums): the values are what is checked
     return target
 
 

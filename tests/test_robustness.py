@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from detr_deform import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
+from detr_deform.checkpoint import write_checkpoint
 from detr_deform.cli import compose_config
 from detr_deform.config import ConfigError
 from detr_deform.loading import NonFiniteWeightsWarning
@@ -42,7 +43,7 @@ def saved(tmp_path_factory):
 def _rewrite_config(path, target, **changes):
     content = torch.load(path, weights_only=True)
     content["config"]["model"].update(changes)
-    torch.save(content, target)
+    write_checkpoint(target, content)  # edited and sealed again (new checksums): the values are what is checked
     return target
 
 
@@ -62,7 +63,7 @@ def test_stored_config_is_validated_like_a_config(saved, tmp_path, changes, mess
 def _rewrite(path, target, edit):
     content = torch.load(path, weights_only=True)
     edit(content)
-    torch.save(content, target)
+    write_checkpoint(target, content)  # edited and sealed again (new checksums): the values are what is checked
     return target
 
 
@@ -388,7 +389,8 @@ def test_resume_with_another_optimizer_or_schedule_is_one_line(trained_run, tiny
 
     out = tmp_path / "run"
     shutil.copytree(trained_run[0], out)
-    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # run.lock aside: the refused resume owned the directory (and wrote its PID there) while it checked
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     line = one_line_error(train(*tiny_train_args(tiny_demo_root, out, "runtime.resume=auto", override)))
     assert message in line and "runtime.init_from" in line, line
     assert all(p.read_bytes() == data for p, data in files.items())  # nothing of the run was touched

@@ -254,7 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run(args), interrupt_note=f"the results so far are in {args.output_dir}")
+    def body() -> None:
+        run(args)  # its summary is for Python callers; the results are in the files
+
+    return run_tool(body, interrupt_note=f"the results so far are in {args.output_dir}")
 
 
 if __name__ == "__main__":

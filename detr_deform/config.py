@@ -18,11 +18,10 @@ from hydra.core.config_store import ConfigStore
 from detr_deform.data import transforms as official
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID
+from detr_deform.errors import DetrDeformError
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.device import DeviceError, resolve_device
 from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
-from detr_deform.errors import DetrDeformError
-
 
 
 class ConfigError(DetrDeformError, ValueError):
@@ -51,7 +50,7 @@ class DataConfig:
     max_category_id: int = bounded(DEFAULT_MAX_CATEGORY_ID, ge=0)  # larger category ids are refused: remap them to 1..N
 
     @classmethod
-    def from_saved(cls, values: Any, source: str = "the checkpoint") -> "DataConfig":
+    def from_saved(cls, values: Any, source: str = "the checkpoint") -> DataConfig:
         """The data section stored in a checkpoint's (or run's) config, checked like a
         configuration: keys this version does not know are ignored, a known key with a
         wrong type or value is a ConfigError naming ``source`` and the key."""

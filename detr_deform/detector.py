@@ -7,8 +7,8 @@
 """
 from __future__ import annotations
 
-import os
 import numbers
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,13 @@ from torchvision.transforms.v2 import functional as F
 from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
-from detr_deform.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE,
-                                         official_resize_size)
+from detr_deform.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFICIAL_MAX_SIZE,
+    OFFICIAL_VAL_SIZE,
+    official_resize_size,
+)
 from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, stored_score_threshold
 from detr_deform.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
 from detr_deform.loading import model_from_content, read_content
@@ -100,7 +105,7 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
-                        val_size: int | None = None, max_size: int | None = None) -> "Detector":
+                        val_size: int | None = None, max_size: int | None = None) -> Detector:
         """Loads a checkpoint (ours, an official model-zoo file, or a Hugging Face
         DeformableDetr directory / model.safetensors / pytorch_model.bin) on ``device``
         (auto: a GPU when one is visible). ``val_size``/``max_size`` override the

@@ -12,7 +12,7 @@ This module imports nothing of the package: it is the bottom layer, below ``util
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # The exit-code table (docs/tools.md, every tool's --help).
 EXIT_DONE = 0

@@ -14,8 +14,8 @@ import colorsys
 import functools
 import importlib.util
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

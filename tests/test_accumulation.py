@@ -7,6 +7,7 @@ import torch
 
 from detr_deform import build_criterion, build_model
 from detr_deform.engine.steps import accumulated_step, train_step
+
 from model_helpers import random_targets, tiny_config
 
 

@@ -9,6 +9,7 @@ import torch
 
 import detr_deform
 from detr_deform import CheckpointError, build_model, init_from, load_model, save_checkpoint
+
 from model_helpers import TINY, VARIANTS, tiny_config
 
 

@@ -4,6 +4,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from detr_deform.config import Config, ConfigError, register_configs, validate
+
 from pipeline_helpers import ROOT, train
 
 register_configs()

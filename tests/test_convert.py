@@ -11,6 +11,7 @@ import torch
 from detr_deform import build_model, load_model, save_checkpoint
 from detr_deform.checkpoint import read_checkpoint
 from detr_deform.hf import read_hf
+
 from model_helpers import TINY, VARIANTS, perturb, tiny_config
 from test_checkpoint import official_args
 

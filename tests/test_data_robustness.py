@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import rewrite, write_dataset, write_image
 from detr_deform.data import CocoDetection, build_transforms, collate_fn
 from detr_deform.data.coco import raise_worker_errors_cleanly
 from detr_deform.data.errors import DatasetError
+
+from data_helpers import rewrite, write_dataset, write_image
 from pipeline_helpers import PYTHON, run, tiny_train_args, train
 
 

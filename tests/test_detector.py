@@ -12,8 +12,17 @@ from torchvision.transforms.v2 import functional as F
 import detr_deform
 from detr_deform.data.images import load_rgb_image
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
-from detr_deform.visualization import (MIN_SIDE, colour_of, detection_labels, draw_boxes, draw_detections,
-                                       draw_sampling_points, drawing_scale, label_box, label_font)
+from detr_deform.visualization import (
+    MIN_SIDE,
+    colour_of,
+    detection_labels,
+    draw_boxes,
+    draw_detections,
+    draw_sampling_points,
+    drawing_scale,
+    label_box,
+    label_font,
+)
 
 ALL = {"threshold": 0.0, "topk": 1000, "batch_size": 1}  # every (query, class) pair: comparable by pair
 

@@ -11,13 +11,23 @@ from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import ConfigError
 from detr_deform.data.errors import DatasetError
 from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
-from detr_deform.errors import (EXIT_BAD_INPUT, EXIT_CTRL_C, EXIT_FAILED, EXIT_STATUS_HELP, DetrDeformError,
-                                MissingExtraError, exit_code_for, optional_import, run_tool)
+from detr_deform.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CTRL_C,
+    EXIT_FAILED,
+    EXIT_STATUS_HELP,
+    DetrDeformError,
+    MissingExtraError,
+    exit_code_for,
+    optional_import,
+    run_tool,
+)
 from detr_deform.inputs import InputError, InputTypeError, MissingInputError
 from detr_deform.ops._build import OpsBuildError
 from detr_deform.utils.device import DeviceError
 from detr_deform.utils.files import OutputError
 from detr_deform.video import VideoError
+
 from test_tools import tool_module
 
 # (error, its builtin base kept for compatibility, the table's status)

@@ -7,6 +7,7 @@ import stat
 
 from detr_deform import build_model, save_checkpoint, save_hf
 from detr_deform.utils.files import current_umask
+
 from model_helpers import tiny_config
 from test_tools import tool_module
 

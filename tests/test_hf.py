@@ -18,16 +18,17 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 from transformers.models.deformable_detr.image_processing_deformable_detr import DeformableDetrImageProcessor
-from PIL import Image
 from transformers.utils import logging as hf_logging
 
 from detr_deform import CheckpointError, Detector, build_model, init_from, load_model, save_hf
 from detr_deform.hf import config_from_hf, read_hf, state_dict_to_hf
 from detr_deform.layers import MSDeformAttn
 from detr_deform.loading import read_content
+
 from model_helpers import perturb, tiny_config
 
 # Measured: <= 2.4e-7 (fp32 rounding: HF scales q.k^T after the product, runs heads on strided slices).

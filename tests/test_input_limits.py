@@ -8,13 +8,13 @@ import warnings
 import pytest
 import torch
 
+from detr_deform import build_model, save_checkpoint
+from detr_deform.loading import init_from
+from detr_deform.models.proposals import TooFewTokensError, encoder_tokens, refuse_too_few_tokens, smallest_square_side
+
 from data_helpers import write_dataset, write_image
 from model_helpers import tiny_config
 from pipeline_helpers import PYTHON, ROOT, run, tiny_train_args, train
-from detr_deform import build_model, save_checkpoint
-from detr_deform.loading import init_from
-from detr_deform.models.proposals import (TooFewTokensError, encoder_tokens, refuse_too_few_tokens,
-                                          smallest_square_side)
 
 WITHOUT = str(ROOT / "tests" / "scripts" / "without_module.py")
 

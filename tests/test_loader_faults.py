@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_helpers import PYTHON, ROOT, tiny_train_args
 from detr_deform import read_checkpoint
 from detr_deform.engine import loader_faults
+
+from pipeline_helpers import PYTHON, ROOT, tiny_train_args
 
 FAULTS = str(ROOT / "tests" / "scripts" / "train_with_faults.py")
 QUICK = ["runtime.max_eval_images=2", "runtime.vis_images=0"]

@@ -8,6 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 from detr_deform.models.criterion import SetCriterion, build_weight_dict
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
 from model_helpers import random_targets
 
 

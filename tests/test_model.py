@@ -8,6 +8,7 @@ import torch
 from detr_deform import ModelConfig, build_criterion, build_model, build_postprocessor
 from detr_deform.layers import MSDeformAttn
 from detr_deform.models.deformable_transformer import DeformableTransformer
+
 from model_helpers import VARIANTS, random_targets, tiny_config
 
 

@@ -125,6 +125,7 @@ def test_dataset_browser_captions_an_image_without_objects(tiny_demo_root, tmp_p
     from PIL import Image
 
     from detr_deform.data.transforms import official_resize_size
+
     from test_tools import tool_module
 
     status = tool_module("visualize").main(["dataset", "--images", str(tiny_demo_root / "val2017"), "--annotations",
@@ -176,6 +177,7 @@ def test_every_resnet_the_docs_list_has_a_preset():
     from detr_deform.cli import compose_config
     from detr_deform.models.backbone import ResNetBackbone
     from detr_deform.models.config import RESNET_BACKBONES
+
     from pipeline_helpers import ROOT
 
     presets = {p.stem.removesuffix("_scratch") for p in (ROOT / "configs" / "backbone").glob("resnet*.yaml")}

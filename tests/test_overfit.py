@@ -2,11 +2,12 @@
 the top detections land on the targets."""
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from detr_deform import build_criterion, build_model, build_postprocessor
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
+
 from model_helpers import tiny_config
-from torchvision.ops import box_iou
 
 
 def synthetic_batch():

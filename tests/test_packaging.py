@@ -1,6 +1,7 @@
 """pyproject's explicit package list must name every package folder."""
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,7 @@ from detr_deform.checkpoint import write_checkpoint
 from detr_deform.cli import compose_config
 from detr_deform.config import ConfigError
 from detr_deform.loading import NonFiniteWeightsWarning
+
 from model_helpers import tiny_config
 from pipeline_helpers import PYTHON, ROOT, run, tiny_train_args, train
 from test_checkpoint import official_args
@@ -431,9 +432,9 @@ def test_skipped_validation_images_are_left_out_not_evaluated_twice(tiny_demo_ro
     import shutil
 
     from detr_deform.config import DataConfig
+    from detr_deform.data.coco import collate_fn
     from detr_deform.data.loaders import build_datasets
     from detr_deform.engine.steps import evaluate
-    from detr_deform.data.coco import collate_fn
 
     root = tmp_path / "data"
     shutil.copytree(tiny_demo_root, root)
@@ -484,7 +485,7 @@ def test_decompression_bomb_header_is_a_clear_problem_everywhere(tiny_demo_root,
     assert "unreadable_image" in done.stdout and "refusing to decode" in done.stdout
     line = one_line_error(train(*tiny_train_args(root, tmp_path / "error")))
     assert "refusing to decode" in line and content["images"][0]["file_name"] in line
-    from detr_deform.data.coco import CocoDetection   # data.on_bad_sample=skip leaves it out like any unreadable image
+    from detr_deform.data.coco import CocoDetection  # data.on_bad_sample=skip leaves it out like any unreadable image
 
     skipping = CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
                              on_bad_sample="skip")

@@ -2,8 +2,8 @@
 infer, visualize (attention and dataset), plot_logs, export (ONNX), benchmark."""
 import importlib.util
 import json
-import sys
 import struct
+import sys
 import zlib
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from detr_deform.visualization import drawing_scale
+
 from pipeline_helpers import PYTHON, ROOT, TINY_MODEL, run
 
 

@@ -97,8 +97,9 @@ def test_resume_reproduces_uninterrupted_run(tiny_demo_root, tmp_path):
 
 def test_two_node_run_on_localhost(tiny_demo_root, tmp_path):
     """Two torchrun invocations with --nnodes=2 rendezvous on localhost and train together."""
-    import subprocess
     import os
+    import subprocess
+
     from pipeline_helpers import ROOT, free_port
 
     port = free_port()

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_helpers import PYTHON, ROOT, free_port, tiny_train_args, train
 from detr_deform import CheckpointError, read_checkpoint, save_checkpoint
 from detr_deform.engine.run_dir import lock_run_dir
+
+from pipeline_helpers import PYTHON, ROOT, free_port, tiny_train_args, train
 
 FAULTS = str(ROOT / "tests" / "scripts" / "train_with_faults.py")
 QUICK = ["runtime.max_eval_images=2", "runtime.vis_images=0"]

@@ -13,6 +13,7 @@ from detr_deform.config import ConfigError
 from detr_deform.data.coco import load_coco_json
 from detr_deform.engine.coco_eval import evaluate_coco
 from detr_deform.engine.steps import train_step
+
 from model_helpers import random_targets, tiny_config
 from pipeline_helpers import ROOT, tiny_train_args, train
 

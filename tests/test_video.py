@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from detr_deform.visualization import drawing_scale
+
 from pipeline_helpers import PYTHON, run
 
 av = pytest.importorskip("av")

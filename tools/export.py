@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_images(args: argparse.Namespace, height: int, width: int) -> list[torch.Tensor]:
     from torchvision.transforms.v2 import functional as F
 
-    from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from detr_deform.data.images import load_rgb_image
+    from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from detr_deform.inputs import collect_images
 
     if not args.check_images:

@@ -426,7 +426,7 @@ def _train_demo(ctx) -> tuple[str, dict]:
 
 def compile(ctx) -> None:  # noqa: A001 - the part's name
     """torch.compile of the demo-size model (inductor on the GPU; the CPU dry run uses the "eager" backend)."""
-    from detr_deform import build_criterion, build_model, ModelConfig
+    from detr_deform import ModelConfig, build_criterion, build_model
 
     device = torch.device(ctx.device)
     cfg = ModelConfig(**{**DEMO_MODEL, "attn_impl": "cpp", **(TINY_MODEL if ctx.tiny else {})}).validate()

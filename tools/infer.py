@@ -36,8 +36,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image

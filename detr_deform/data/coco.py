@@ -5,8 +5,8 @@ import contextlib
 import io
 import random
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -15,8 +15,7 @@ from torchvision import tv_tensors
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import (DEFAULT_MAX_CATEGORY_ID, check_structure, fill_coco_defaults,
-                                     read_instances_json)
+from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID, check_structure, fill_coco_defaults, read_instances_json
 
 __all__ = ["CocoDetection", "collate_fn", "load_coco_json", "raise_worker_errors_cleanly", "skipped_in"]
 

@@ -11,7 +11,6 @@ from PIL import Image, ImageOps
 
 from detr_deform.data.errors import DatasetError
 
-
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 

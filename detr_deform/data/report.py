@@ -11,8 +11,13 @@ from tqdm import tqdm
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import (DEFAULT_MAX_CATEGORY_ID, Problem, check_image_entry, check_structure,
-                                     read_instances_json)
+from detr_deform.data.schema import (
+    DEFAULT_MAX_CATEGORY_ID,
+    Problem,
+    check_image_entry,
+    check_structure,
+    read_instances_json,
+)
 
 
 @dataclass

@@ -8,7 +8,8 @@ ImageNet normalisation and boxes as normalised (cx, cy, w, h).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors

@@ -11,7 +11,6 @@ from pycocotools.cocoeval import COCOeval
 
 from detr_deform.engine.distributed import all_gather_object, world_size
 
-
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 METRIC_DESCRIPTIONS = [
     "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",

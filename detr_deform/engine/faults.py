@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from detr_deform.engine import distributed
-from detr_deform.utils.files import write_text
 from detr_deform.errors import EXIT_FAILED, EXIT_STOPPED, DetrDeformError
+from detr_deform.utils.files import write_text
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -81,7 +81,7 @@ class GracefulStop:
         the run then ends as after SIGTERM, with ``exit_code``."""
         self.signal_name, self._exit_code = reason, exit_code
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

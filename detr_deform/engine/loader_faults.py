@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 _TIMED_OUT = re.compile(r"DataLoader timed out after (\S+) seconds")
 _KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.\n]+)")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm

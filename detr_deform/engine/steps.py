@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn

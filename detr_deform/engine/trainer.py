@@ -16,11 +16,22 @@ from detr_deform.config import Config
 from detr_deform.data.coco import CocoDetection
 from detr_deform.data.loaders import Loaders, build_datasets, build_loaders
 from detr_deform.engine import distributed, faults
-from detr_deform.engine.checkpointing import (Resumed, TrainingParts, gather_rng_states, resume_training,
-                                              save_on_failure, save_training_checkpoint)
+from detr_deform.engine.checkpointing import (
+    Resumed,
+    TrainingParts,
+    gather_rng_states,
+    resume_training,
+    save_on_failure,
+    save_training_checkpoint,
+)
 from detr_deform.engine.coco_eval import format_metrics_table
-from detr_deform.engine.loop import (EpochResult, LoopContext, NonFinitePolicy, optimizer_steps_per_epoch,
-                                     train_one_epoch)
+from detr_deform.engine.loop import (
+    EpochResult,
+    LoopContext,
+    NonFinitePolicy,
+    optimizer_steps_per_epoch,
+    train_one_epoch,
+)
 from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
 from detr_deform.engine.run import ResolvedRun, inexact_resume_note, resolve_data_root, resolve_run, resume_record
 from detr_deform.engine.run_dir import RunLock
@@ -34,6 +45,7 @@ from detr_deform.models.config import ModelConfig
 from detr_deform.models.proposals import refuse_too_few_tokens
 from detr_deform.ops.status import operator_build_pending
 from detr_deform.utils.files import OutputError, append_line, update_latest_link, write_text
+
 
 def train(cfg: Config) -> dict[str, float]:
     """Runs a full training; returns the final validation metrics (rank 0; {} elsewhere).

@@ -17,7 +17,6 @@ from detr_deform.models.config import BACKBONE_NORMS, RESNET_BACKBONES
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 
 
-
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d

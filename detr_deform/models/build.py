@@ -5,8 +5,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from detr_deform.models.backbone import Joiner, ResNetBackbone
 from detr_deform.models.config import ModelConfig
-from detr_deform.models.dat import DAT_PRESETS, DATBackbone
 from detr_deform.models.criterion import SetCriterion, build_weight_dict
+from detr_deform.models.dat import DAT_PRESETS, DATBackbone
 from detr_deform.models.deformable_detr import DeformableDETR
 from detr_deform.models.deformable_transformer import DeformableTransformer
 from detr_deform.models.matcher import HungarianMatcher

@@ -9,7 +9,6 @@ from typing import Any
 
 from detr_deform.utils.fields import bounded, check_fields, choice
 
-
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DAT_BACKBONES = ("dat_tiny", "dat_small", "dat_base")
 BACKBONE_NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
@@ -66,7 +65,7 @@ class ModelConfig:
     # Class-wise NMS at this IoU after the top-k (ours; official: none). For briefly trained models.
     nms_iou: float | None = bounded(None, gt=0, le=1)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Checks every field (type, choices, range) and the rules between them;
         raises ValueError with one line naming the key, the value and what is allowed."""
         check_fields(self, "model")
@@ -103,7 +102,7 @@ class ModelConfig:
                              f"{len(outputs)})")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], validate: bool = True) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any], validate: bool = True) -> ModelConfig:
         """Unknown keys are refused here; values are checked by ``validate`` (now, or
         when ``build_model`` receives the config)."""
         known = {f.name for f in fields(cls)}
@@ -118,7 +117,7 @@ class ModelConfig:
 
     @classmethod
     def from_official_args(cls, args: argparse.Namespace | dict, num_classes: int | None = None,
-                           validate: bool = True) -> "ModelConfig":
+                           validate: bool = True) -> ModelConfig:
         """Maps the official ``args`` of a model-zoo checkpoint onto a ModelConfig."""
         values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
         config = cls()

@@ -13,7 +13,7 @@ sizes give the smallest input: ``smallest_tokens``); evaluation and inference ge
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from detr_deform.data.transforms import official_resize_size
 from detr_deform.errors import DetrDeformError

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from detr_deform.errors import EXIT_FAILED, DetrDeformError
 
 SOURCE_FILES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_checks.cpp", "ms_deform_attn_cpu.cpp")

@@ -11,7 +11,7 @@ explicitly through ``require``, so that ``python -O`` cannot remove it).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -20,8 +20,8 @@ Tolerances (the reference runs in float64 on the same, already rounded inputs):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 

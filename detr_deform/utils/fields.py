@@ -13,7 +13,8 @@ import difflib
 import operator
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def choice(choices: Sequence[Any], default: Any) -> Any:

@@ -7,8 +7,10 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
+
 from detr_deform.errors import EXIT_FAILED, DetrDeformError
 
 

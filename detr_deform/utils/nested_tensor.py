@@ -14,7 +14,7 @@ class NestedTensor:
     tensors: torch.Tensor
     mask: torch.Tensor
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "NestedTensor":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> NestedTensor:
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
                             self.mask.to(device, non_blocking=non_blocking))
 

@@ -7,7 +7,7 @@ pytest and the kit's runners report it like a failed assertion.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class CheckFailed(AssertionError):

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model_helpers import tiny_config  # noqa: E402
-
 from detr_deform import build_criterion, build_model  # noqa: E402
 from detr_deform.config import OptimConfig  # noqa: E402
-from detr_deform.engine.optim import build_optimizer  # noqa: E402
 from detr_deform.engine import distributed  # noqa: E402
+from detr_deform.engine.optim import build_optimizer  # noqa: E402
 from detr_deform.engine.steps import accumulated_step, train_step  # noqa: E402
+
+from model_helpers import tiny_config  # noqa: E402
 
 
 def make_batch(counts=(2, 1, 3, 0)):

@@ -15,8 +15,8 @@ Arguments are passed to tools/train.py unchanged.
 """
 import errno
 import os
-import signal
 import runpy
+import signal
 import sys
 import tempfile
 import time

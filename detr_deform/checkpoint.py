@@ -64,7 +64,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                                   f"UnpicklingError: {_first_line(error)}") from error
         raise CheckpointError(
             f"{file}: refused to load: it contains pickled Python objects outside the allow-list "
-            f"(tensors, containers, argparse.Namespace, yacs CfgNode). Checkpoints are read with weights_only=True so that a "
+            f"(tensors, containers, argparse.Namespace, yacs CfgNode). Checkpoints are read with weights_only=True "
+            f"so that a "
             f"file cannot run code. If you trust the file, re-save only its state dict. Details: "
             f"{_first_line(error)}"
         ) from error
@@ -209,7 +210,9 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
                 torch.save(content, handle)
             except RuntimeError as error:
                 # torch's zip writer reports a failed write as "enforce fail ... unexpected pos"; say what the OS said.
-                raise handle.error or error
+                if handle.error is not None:
+                    raise handle.error from error
+                raise
     except (OutputError, RuntimeError) as error:
         # KeyboardInterrupt (a second Ctrl-C) and the like pass: the temporary file is gone, nothing replaced.
         cause = error.__cause__ if isinstance(error, OutputError) and error.__cause__ is not None else error

@@ -194,7 +194,7 @@ class Detector:
             keep = result["scores"] >= threshold
             labels = result["labels"][keep].cpu()
             found.append(Detections(boxes=result["boxes"][keep].float().cpu(), scores=result["scores"][keep].cpu(),
-                                    labels=labels, names=[self.category_name(l) for l in labels.tolist()],
+                                    labels=labels, names=[self.category_name(label) for label in labels.tolist()],
                                     queries=result["queries"][keep].cpu(), width=width, height=height,
                                     source=source))
         return found

@@ -174,7 +174,7 @@ def draw_boxes(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], cate
 
 def detection_labels(scores: torch.Tensor, labels: torch.Tensor, names: dict[int, str]) -> list[str]:
     """Captions "name 0.87" for detections."""
-    return [f"{names.get(int(l), int(l))} {float(s):.2f}" for s, l in zip(scores, labels)]
+    return [f"{names.get(int(label), int(label))} {float(s):.2f}" for s, label in zip(scores, labels)]
 
 
 def save_image(image: torch.Tensor | Image.Image, path: Path) -> Path:

@@ -58,7 +58,9 @@ def doc_tables() -> dict[str, dict[str, str]]:
             section = None
         elif section and (row := re.match(r"\| (`[\w.]+`(?:, `[\w.]+`)*) \| ([^|]*) \|", line)):
             keys = re.findall(r"`([\w.]+)`", row.group(1))
-            cells = [c.strip() for c in re.split(r",(?![^\[]*\])", row.group(2))] if len(keys) > 1 else [row.group(2).strip()]
+            cells = [row.group(2).strip()]
+            if len(keys) > 1:  # one default per key, split on the commas outside [lists]
+                cells = [c.strip() for c in re.split(r",(?![^\[]*\])", row.group(2))]
             if len(cells) == 1:  # one default for every key of the row
                 cells = cells * len(keys)
             assert len(cells) == len(keys), f"docs/configuration.md: {line!r}: one default per key, or one for all"

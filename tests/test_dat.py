@@ -79,7 +79,8 @@ def test_released_configurations_match_the_official_models():
     assert logits.shape == (1, 1000)
     assert counter.get_total_flops() / 2e9 == pytest.approx(4.56, abs=0.01)   # MACs measured on the official model
     small = build_dat("dat_small")
-    assert len(small.state_dict()) == 435 and sum(p.numel() for p in small.parameters()) == pytest.approx(49.70e6, rel=1e-3)
+    assert len(small.state_dict()) == 435
+    assert sum(p.numel() for p in small.parameters()) == pytest.approx(49.70e6, rel=1e-3)
 
 
 def _fake_yacs():

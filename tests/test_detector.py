@@ -62,7 +62,7 @@ def test_loads_the_checkpoint_settings(detector, reference, image_path):
     assert detector.category_names == {1: "square", 2: "circle", 3: "triangle"}
     assert reference.source == str(image_path) and (reference.width, reference.height) == (144, 192)
     assert len(reference) == 10 * 4  # all (query, class) pairs of the tiny model
-    assert reference.names == [detector.category_names.get(int(l), str(int(l))) for l in reference.labels]
+    assert reference.names == [detector.category_names.get(int(label), str(int(label))) for label in reference.labels]
     record = reference.to_dict()["detections"][0]
     x0, y0, x1, y1 = reference.boxes[0].tolist()
     assert record["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0]) and record["score"] == reference.scores[0]
@@ -174,7 +174,8 @@ def test_folder_batches_threshold_and_topk(detector, tiny_demo_root, tmp_path):
     (np.zeros((3, 10, 12), np.uint8), "channels first? use array.transpose(1, 2, 0)"),
     (np.zeros((10, 10, 2), np.uint8), "expected (H, W) or (H, W, C) with C = 1, 3 (RGB) or 4"),
     (np.full((10, 10, 3), 2.0), "floating-point images take values in [0, 1], these range over [2, 2]"),
-    (torch.zeros(10, 12, 3, dtype=torch.uint8), "tensor of shape (10, 12, 3) and dtype torch.uint8: expected (C, H, W)"),
+    (torch.zeros(10, 12, 3, dtype=torch.uint8),
+     "tensor of shape (10, 12, 3) and dtype torch.uint8: expected (C, H, W)"),
     (torch.zeros(3, 10, 10, dtype=torch.int32), "dtype torch.int32: expected uint8 (0-255) or floating point"),
     (torch.full((3, 10, 10), -1.5), "(already normalised? pass the image before normalisation)"),
     ({"image": 1}, "input: unsupported input of type dict"),

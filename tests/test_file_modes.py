@@ -55,7 +55,8 @@ def test_every_tool_output_is_readable_by_group_and_others(trained_run, tiny_dem
 
     for folder, expected in ((evaluation, {"metrics.json", "detections.json"}),
                              (infer, {"detections.json", "images.json", "detections.jsonl", "val_00001.png"}),
-                             (tmp_path / "convert", {"config.json", "model.safetensors", "official.pth", "detr_deform.pth"}),
+                             (tmp_path / "convert",
+                              {"config.json", "model.safetensors", "official.pth", "detr_deform.pth"}),
                              (export, {"model.onnx", "model.check.json"}),
                              (tmp_path / "save_hf", {"config.json", "model.safetensors"})):
         written = {name for _, _, files in os.walk(folder) for name in files}

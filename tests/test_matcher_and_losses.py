@@ -122,7 +122,8 @@ def test_criterion_with_no_targets_at_all():
 
 def test_two_stage_encoder_loss_uses_class_agnostic_targets():
     g = torch.Generator().manual_seed(1)
-    outputs = {"pred_logits": torch.randn(1, 6, 4, generator=g), "pred_boxes": torch.rand(1, 6, 4, generator=g) * 0.4 + 0.3,
+    outputs = {"pred_logits": torch.randn(1, 6, 4, generator=g),
+               "pred_boxes": torch.rand(1, 6, 4, generator=g) * 0.4 + 0.3,
                "enc_outputs": {"pred_logits": torch.randn(1, 9, 4, generator=g),
                                "pred_boxes": torch.rand(1, 9, 4, generator=g) * 0.4 + 0.3}}
     targets = [{"labels": torch.tensor([3, 2]), "boxes": torch.tensor([[0.4, 0.4, 0.2, 0.2], [0.6, 0.6, 0.1, 0.3]])}]

@@ -96,10 +96,12 @@ OFFICIAL_KEYS = {
     "box_refine": ["query_embed.weight", "transformer.decoder.bbox_embed.5.layers.2.weight"],
     "two_stage": ["class_embed.6.bias", "bbox_embed.6.layers.0.weight", "transformer.decoder.class_embed.6.weight",
                   "transformer.decoder.bbox_embed.6.layers.2.bias", "transformer.enc_output.weight",
-                  "transformer.enc_output_norm.bias", "transformer.pos_trans.weight", "transformer.pos_trans_norm.weight"],
+                  "transformer.enc_output_norm.bias", "transformer.pos_trans.weight",
+                  "transformer.pos_trans_norm.weight"],
 }
 ABSENT_KEYS = {
-    "multi_scale": ["transformer.decoder.bbox_embed.0.layers.0.weight", "class_embed.6.weight", "transformer.enc_output.weight"],
+    "multi_scale": ["transformer.decoder.bbox_embed.0.layers.0.weight", "class_embed.6.weight",
+                    "transformer.enc_output.weight"],
     "single_scale": ["input_proj.1.0.weight"],
     "box_refine": ["class_embed.6.weight", "transformer.decoder.class_embed.0.weight"],
     "two_stage": ["query_embed.weight", "transformer.reference_points.weight"],

@@ -16,7 +16,8 @@ def make_inputs(shapes, batch=2, heads=3, channels=5, queries=7, points=4, dtype
     levels = len(shapes)
     value = torch.randn(batch, int(areas.sum()), heads, channels, generator=g, dtype=dtype)
     # Spread beyond [0, 1] so that points outside the map are exercised.
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=g, dtype=dtype) * spread - (spread - 1) / 2
+    locations = (torch.rand(batch, queries, heads, levels, points, 2, generator=g, dtype=dtype) * spread
+                 - (spread - 1) / 2)
     weights = torch.rand(batch, queries, heads, levels, points, generator=g, dtype=dtype)
     weights = weights / weights.sum((-1, -2), keepdim=True)
     return value, spatial_shapes, level_start_index, locations, weights

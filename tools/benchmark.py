@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n| experiment | device | input | params | GFLOPs | inference ms / img/s "
               f"(batch {', '.join(map(str, args.batch_sizes))}) | train step (batch {train['batch']}) | "
               f"train peak MiB |\n|---|---|---|---|---|---|---|---|\n"
-              f"| {cfg.experiment} | {args.device} | {args.height}x{args.width} | {results['parameters'] / 1e6:.1f} M | "
+              f"| {cfg.experiment} | {args.device} | {args.height}x{args.width} | "
+              f"{results['parameters'] / 1e6:.1f} M | "
               f"{results['gflops']:.1f} | {infer} | {train['step_s'] * 1000:.0f} ms | {train['peak_memory_mib']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

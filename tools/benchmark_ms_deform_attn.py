@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print("| " + " | ".join(line) + " |")
     else:
-        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+        widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
         print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for line in lines:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)))

@@ -47,7 +47,8 @@ from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint: ours, an official model-zoo .pth, or a Hugging Face save_pretrained folder")
+    parser.add_argument("checkpoint",
+                        help="checkpoint: ours, an official model-zoo .pth, or a Hugging Face save_pretrained folder")
     parser.add_argument("--coco-path", help="COCO root (val2017/ and annotations/instances_val2017.json)")
     parser.add_argument("--images", help="image folder of a COCO-format set")
     parser.add_argument("--annotations", help="instances JSON of a COCO-format set")

@@ -34,7 +34,8 @@ asserts of anything it imports:
 Without CUDA only "emulation" runs (with all of --budget-s) and every GPU part is listed as skipped.
 --device cpu --tiny runs the GPU parts' code on the CPU at tiny sizes (gloo for
 DDP, the "eager" compile backend), in this process and without per-part
-budgets, so that only the CUDA-specific calls remain untested. Writes results.md and results.json into --output-dir (default
+budgets, so that only the CUDA-specific calls remain untested. Writes results.md and
+results.json into --output-dir (default
 outputs/gpu_check/<timestamp>). The last line is "N passed, N failed"; the
 exit status is 1 when a check failed, else 3 when a part or check was skipped
 for lack of time (the run is incomplete), else 0. Parts skipped for want of a
@@ -402,7 +403,8 @@ def run_part(ctx: PartContext) -> None:
 
 def child_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    run_part(PartContext(args.part, args.device, args.tiny, args.budget_s, Path(args.output_dir), args.emulation_checks))
+    run_part(PartContext(args.part, args.device, args.tiny, args.budget_s, Path(args.output_dir),
+                         args.emulation_checks))
     return 0
 
 

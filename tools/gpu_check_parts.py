@@ -158,7 +158,7 @@ def _check_op_results(value, shapes, starts, locations, weights, dtype: str) -> 
 def _op_targets(ctx) -> tuple[str, dict]:
     """The issue's targets, judged on the measurements (benchmarks, not tests: a miss is reported, not failed)."""
     rows, notes = [], []
-    for name, d in ctx.data.items():
+    for d in ctx.data.values():
         if "speedup" not in d:
             continue
         rows.append([d["scale"], d["dtype"], str(d["num_query"])] + [

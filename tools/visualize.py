@@ -159,7 +159,7 @@ def dataset_samples(args: argparse.Namespace) -> list[Path]:
         height, width = image.shape[-2:]
         boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([width, height, width, height])
         labels = target["labels"].tolist()
-        captions = [dataset.category_names.get(l, str(l)) for l in labels]
+        captions = [dataset.category_names.get(label, str(label)) for label in labels]
         drawn = draw_boxes(denormalize(image), boxes, captions, labels)
         if not labels:  # a bare picture would look like a failure to draw
             drawn = with_caption(drawn, _no_objects_caption(dataset, int(target["image_id"])))

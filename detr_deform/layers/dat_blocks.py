@@ -160,7 +160,8 @@ class DeformableAttention2d(nn.Module):
                  offset_range_factor: float, use_pe: bool, stage_index: int, fmap_size: tuple[int, int]) -> None:
         super().__init__()
         if dim % groups or heads % groups:
-            raise ValueError(f"DAT deformable attention: dim {dim} and heads {heads} must be divisible by groups {groups}")
+            raise ValueError(f"DAT deformable attention: dim {dim} and heads {heads} must be divisible by "
+                             f"groups {groups}")
         self.heads, self.groups = heads, groups
         self.head_channels = dim // heads
         self.group_channels = dim // groups

@@ -19,7 +19,8 @@ class ModelConfig:
     # Backbone (official names)
     backbone: str = choice(RESNET_BACKBONES + DAT_BACKBONES, default="resnet50")
     dilation: bool = False
-    position_embedding: str = choice(("sine", "learned", "v2", "v3"), default="sine")  # v2 = sine, v3 = learned (official)
+    # v2 = sine, v3 = learned (official)
+    position_embedding: str = choice(("sine", "learned", "v2", "v3"), default="sine")
     position_embedding_scale: float = bounded(2 * math.pi, gt=0)
     num_feature_levels: int = bounded(4, ge=1)
     # Backbone (ours)

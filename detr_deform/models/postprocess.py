@@ -44,8 +44,8 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        results = [{"scores": s, "labels": l, "boxes": b, "queries": q}
-                   for s, l, b, q in zip(scores, labels, boxes, topk_boxes)]
+        results = [{"scores": s, "labels": label, "boxes": b, "queries": q}
+                   for s, label, b, q in zip(scores, labels, boxes, topk_boxes)]
         if self.nms_iou is not None:
             # batched_nms returns the kept indices by decreasing score, like the top-k order.
             results = [{k: v[batched_nms(r["boxes"].float(), r["scores"].float(), r["labels"], self.nms_iou)]

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "info":
         print(f"sources:        {_build.source_dir()}")
-        print(f"torch:          {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})")
+        print(f"torch:          {torch.__version__} (CUDA {torch.version.cuda}, "
+              f"GPU visible: {torch.cuda.is_available()})")
         print(f"CUDA requested: {_build.cuda_requested()}")
         print(f"build dir:      {_build.build_dir(_build.cuda_requested())}")
         print(f"emulation dir:  {_build.build_dir(False, flavour='cuda-emulation')}")

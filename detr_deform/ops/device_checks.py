@@ -65,7 +65,7 @@ def check_gradcheck_fp64(device: torch.device) -> str:
     for deterministic in (False, True):
         leaves = tuple(t.to(device).requires_grad_() for t in (value, locations, weights))
 
-        def fn(v, loc, w):
+        def fn(v, loc, w, deterministic=deterministic):  # bound now: gradcheck calls it within this iteration
             return ms_deform_attn(v, shapes, starts, loc, w, impl="cpp", deterministic=deterministic)
 
         # gradcheck also runs the backward twice: the atomic path may differ in the last bits

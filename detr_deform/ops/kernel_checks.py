@@ -157,7 +157,8 @@ def assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], 
         rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5 * scale)
         if dtype in HALF_TOLERANCE:
             rtol, atol = HALF_TOLERANCE[dtype], HALF_TOLERANCE[dtype] * scale
-        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{what}: {name}: {m}")
         if b.numel():
             worst = max(worst, float((a.double() - b.double()).abs().max()) / scale)
     return worst

@@ -30,7 +30,8 @@ def ms_deform_attn_pytorch(
     for level, (height, width) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)
         level_value = (
-            value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, channels, int(height), int(width))
+            value_per_level[level].flatten(2).transpose(1, 2)
+            .reshape(batch * num_heads, channels, int(height), int(width))
         )
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         level_grid = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)

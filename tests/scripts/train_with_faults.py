@@ -1,6 +1,7 @@
 """tools/train.py with faults injected from environment variables (tests only):
 
-FAULT_NAN_AT_STEPS=3,4   the criterion's loss_giou is NaN at these (1-based) criterion calls (= steps without accumulation)
+FAULT_NAN_AT_STEPS=3,4   the criterion's loss_giou is NaN at these (1-based) criterion calls
+                         (= steps without accumulation)
 FAULT_CRASH_AT_STEP=5    the process dies (exit 1) at this step ...
 FAULT_CRASH_RANK=1       ... on this rank only (default: every rank)
 FAULT_CRASH_ONCE=1       ... only in the first attempt (not after a torchrun restart)

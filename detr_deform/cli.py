@@ -28,6 +28,7 @@ def config_from_hydra(cfg: DictConfig) -> Config:
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> Config:
     """What ``tools/train.py <overrides>`` would run with, or ConfigError (one line)."""
     register_configs()
+    refuse_unknown_flags(overrides)
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -38,9 +39,16 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> C
 
 def hydra_mode(argv: Sequence[str]) -> bool:
     """Whether ``tools/train.py argv`` is for Hydra's own machinery (``--help``, ``--cfg job``,
-    ``--multirun``, ``hydra.*`` overrides) rather than a plain run. Hydra's own argument parser
-    says which flags exist; any other flag (e.g. ``--experiment demo``) is one ConfigError."""
-    from hydra._internal.utils import get_args_parser  # Hydra's parser: its options, not a copy of them
+    ``--multirun``, ``hydra.*`` overrides) rather than a plain run; any other flag (e.g.
+    ``--experiment demo``) is one ConfigError (``refuse_unknown_flags``)."""
+    refuse_unknown_flags(argv)
+    return any(arg.startswith("-") or arg.startswith("hydra.") for arg in argv)
+
+
+def refuse_unknown_flags(argv: Sequence[str]) -> None:
+    """A flag that is not one of Hydra's own (Hydra's argument parser says which exist: no copy of
+    the list here) is one ConfigError naming the override meant, not the parser's exception."""
+    from hydra._internal.utils import get_args_parser
 
     options = get_args_parser()._option_string_actions
     for index, arg in enumerate(argv):
@@ -52,7 +60,6 @@ def hydra_mode(argv: Sequence[str]) -> bool:
             meant = f"{key}={value}" if key and value else "experiment=demo"
             raise ConfigError(f"{arg}: not an option of tools/train.py; settings are given as key=value overrides, "
                               f"e.g. {meant} (every key is in docs/configuration.md; python tools/train.py --help)")
-    return any(arg.startswith("-") or arg.startswith("hydra.") for arg in argv)
 
 
 def _one_line(error: Exception) -> str:

@@ -186,10 +186,6 @@ def validate(cfg: Config) -> Config:
     d, o, r = cfg.data, cfg.optim, cfg.runtime
     if d.crop_min > d.crop_max:
         raise ConfigError(f"data.crop_min={d.crop_min} is larger than data.crop_max={d.crop_max}")
-    if d.worker_timeout_s and d.worker_timeout_s >= r.dist_timeout_s:
-        raise ConfigError(f"data.worker_timeout_s={d.worker_timeout_s} must be shorter than runtime.dist_timeout_s="
-                          f"{r.dist_timeout_s}: the other ranks wait for a stalled one that long before failing; "
-                          f"lower data.worker_timeout_s (0: no limit) or raise runtime.dist_timeout_s")
     if not d.train_scales or not d.crop_resize_sizes:
         raise ConfigError("data.train_scales and data.crop_resize_sizes need at least one size each")
     if o.scheduler == "multistep" and (not o.milestones or o.milestones != sorted(set(o.milestones))):

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(stop.sigval)
     except ChildFailedError as failed:
         codes = {failure.exitcode for failure in failed.failures.values()}
-        if codes <= STOPPED | {STALLED}:
-            # Ranks stopped together for a stalled worker: the agent may SIGTERM the others meanwhile.
+        # Ranks stopped together for a stalled worker: the agent may SIGTERM the others meanwhile, which
+        # then end with 143 (their handler ran) or -15 (killed before it could).
+        if codes <= STOPPED | {STALLED, -signal.SIGTERM} and codes & (STOPPED | {STALLED}):
             return STALLED if STALLED in codes else max(codes)
         raise
     return 0

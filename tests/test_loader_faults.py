@@ -178,9 +178,13 @@ def test_worker_timeout_is_validated():
 
     with pytest.raises(ConfigError, match=r"data.worker_timeout_s=-1 is out of range"):
         compose_config(["data.worker_timeout_s=-1"])
-    with pytest.raises(ConfigError, match=r"data.worker_timeout_s=2000 must be shorter than "
-                                          r"runtime.dist_timeout_s=1800"):
-        compose_config(["data.worker_timeout_s=2000"])
+    # Under DDP the stall must be noticed before the other ranks' collective times out: at most half
+    # of runtime.dist_timeout_s there (a refusal would break every short runtime.dist_timeout_s).
+    from detr_deform.data.loaders import worker_timeout
+
+    cfg = compose_config(["data.worker_timeout_s=2000", "data.num_workers=2"])
+    assert worker_timeout(cfg, 1) == 2000 and worker_timeout(cfg, 2) == 900
+    assert worker_timeout(compose_config(["data.num_workers=0"]), 2) == 0
     assert compose_config([]).data.worker_timeout_s == 600
 
 
@@ -226,7 +230,8 @@ def test_a_stalled_worker_on_one_rank_stops_every_rank_together(tiny_demo_root, 
         if process.poll() is None:
             process.kill()
     assert process.returncode == 3, stdout[-2000:] + stderr[-3000:]
-    assert "stopped by a stalled DataLoader worker (training data" in stderr          # rank 1
+    # Rank 0 learns of the stall from rank 1 and says so; rank 1's own line may be cut short when the
+    # agent SIGTERMs it once rank 0 has exited (the launcher's 3 covers both endings).
     assert "stopped by a stalled DataLoader worker on another rank" in stderr         # rank 0
     state = read_checkpoint(out / "checkpoint_last.pth")
     assert state["epoch"] == 0 and state["batches_done"] == state["step"] >= 1

@@ -242,13 +242,13 @@ def test_a_write_failing_inside_torch_save_is_reported_as_what_it_was(tmp_path, 
     import detr_deform.checkpoint as checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint_last.pth", torch.nn.Linear(4, 4), tiny_config(), note="first")
-    real_fdopen = os.fdopen
+    real_open = open
 
-    def failing_fdopen(fd, *args, **kwargs):
-        real_fdopen(fd, *args, **kwargs).close()
+    def failing_open(file, *args, **kwargs):  # the checkpoint writer opens its temporary file
+        real_open(file, *args, **kwargs).close()
         return broken_file(room=3000)
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", failing_fdopen)
+    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
     with pytest.raises(raised, match=message) as caught:
         save_checkpoint(path, torch.nn.Linear(256, 256), tiny_config(), note="second")
     assert "enforce fail" not in str(caught.value)  # not torch's zip-writer message

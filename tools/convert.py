@@ -32,7 +32,7 @@ import torch
 from detr_deform.checkpoint import CheckpointError, write_checkpoint
 from detr_deform.config import DataConfig
 from detr_deform.engine.score_threshold import stored_score_threshold
-from detr_deform.errors import EXIT_STATUS_HELP, run_tool
+from detr_deform.errors import EXIT_FAILED, EXIT_STATUS_HELP, run_tool
 from detr_deform.hf import save_hf
 from detr_deform.loading import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
@@ -78,11 +78,14 @@ def official_args_from(cfg: ModelConfig) -> argparse.Namespace:
     """The official ``args`` Namespace for ``cfg``: official defaults, overridden by the
     fields the official build reads. lr_backbone 0 freezes the backbone (train_backbone)."""
     if cfg.backbone not in OFFICIAL_BACKBONES:
-        raise CheckpointError(f"model.backbone={cfg.backbone!r}: the official code has ResNet backbones only")
+        raise CheckpointError(f"model.backbone={cfg.backbone!r}: the official code has ResNet backbones only",
+                              exit_code=EXIT_FAILED)  # SRC is fine; it cannot be written in this format
     if cfg.activation != "relu":
-        raise CheckpointError(f"model.activation={cfg.activation!r}: the official build uses relu only")
+        raise CheckpointError(f"model.activation={cfg.activation!r}: the official build uses relu only",
+                              exit_code=EXIT_FAILED)
     if cfg.backbone_norm == "gn":
-        raise CheckpointError("model.backbone_norm='gn': the official backbone uses FrozenBatchNorm2d")
+        raise CheckpointError("model.backbone_norm='gn': the official backbone uses FrozenBatchNorm2d",
+                              exit_code=EXIT_FAILED)
     values = {**OFFICIAL_DEFAULTS, **{name: getattr(cfg, name) for name in OFFICIAL_FIELDS}}
     values["lr_backbone"] = OFFICIAL_DEFAULTS["lr_backbone"] if cfg.train_backbone else 0.0
     return argparse.Namespace(**values)

@@ -86,6 +86,18 @@ class Loaders:
     val: DataLoader
 
 
+def worker_timeout(cfg: Config, world_size: int) -> float:
+    """Seconds a DataLoader worker may take for a batch before the run stops (resumable) instead of
+    hanging: ``data.worker_timeout_s`` (0: no limit; no workers: none). Under DDP at most half of
+    ``runtime.dist_timeout_s``: the other ranks wait for a stalled one in a collective, and all of
+    them must learn of the stall and stop together before that collective times out."""
+    if cfg.data.num_workers == 0 or cfg.data.worker_timeout_s == 0:
+        return 0
+    if world_size > 1:
+        return min(cfg.data.worker_timeout_s, cfg.runtime.dist_timeout_s / 2)
+    return cfg.data.worker_timeout_s
+
+
 def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, rank: int, world_size: int,
                   pin_memory: bool) -> Loaders:
     train_sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
@@ -95,8 +107,7 @@ def build_loaders(cfg: Config, train: CocoDetection, val: CocoDetection, rank: i
         batch_sampler = AspectRatioBatchSampler(train_sampler, groups, cfg.optim.batch_size)
     else:
         batch_sampler = BatchSampler(train_sampler, cfg.optim.batch_size, drop_last=True)
-    # A worker that delivers nothing for data.worker_timeout_s ends the run (resumable) instead of hanging it.
-    timeout = cfg.data.worker_timeout_s if cfg.data.num_workers > 0 else 0
+    timeout = worker_timeout(cfg, world_size)
     train_loader = DataLoader(train, batch_sampler=ResumableBatchSampler(batch_sampler), collate_fn=collate_fn,
                               num_workers=cfg.data.num_workers, generator=torch.Generator(),
                               worker_init_fn=quiet_worker_signals, pin_memory=pin_memory, timeout=timeout)

@@ -67,3 +67,32 @@ def trained_run(tiny_demo_root, tmp_path_factory):
                                           "stdout": done.stdout, "stderr": done.stderr}))
         saved = json.loads(record.read_text())
     return out, subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"], saved["stderr"])
+
+
+# Marks (pyproject.toml declares them; `python -m pytest -q` runs everything, `-m "not slow"` is the
+# quick loop). Given per module from measured durations (docs/benchmarks.md, "Test suite"): these
+# modules train or evaluate through tools/*.py in new interpreters and take most of the suite's time.
+SLOW_MODULES = {
+    "test_training_features", "test_robustness", "test_training_faults", "test_lost_work", "test_tools",
+    "test_data_robustness", "test_gpu_check", "test_overfit", "test_train_pipeline", "test_loader_faults",
+    "test_input_limits", "test_config", "test_kernel_report", "test_hf", "test_newcomer", "test_distributed_step",
+    "test_file_modes",
+}
+# Modules that run a tool or a launcher in a new interpreter (some of their tests only).
+SUBPROCESS_MODULES = SLOW_MODULES - {"test_overfit"} | {
+    "test_convert", "test_dat", "test_ops_build", "test_video", "test_ms_deform_attn_sizes"}
+# Modules whose tests (those naming torchrun / DDP / ranks / nodes) form a torch.distributed group.
+DISTRIBUTED_MODULES = {"test_distributed_step", "test_loader_faults", "test_lost_work", "test_train_pipeline",
+                       "test_training_faults"}
+DISTRIBUTED_WORDS = ("ddp", "torchrun", "distributed", "rank", "node", "launcher")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if module in SUBPROCESS_MODULES:
+            item.add_marker(pytest.mark.subprocess)
+        if module in DISTRIBUTED_MODULES and any(word in item.name.lower() for word in DISTRIBUTED_WORDS):
+            item.add_marker(pytest.mark.distributed)

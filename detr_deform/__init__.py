@@ -10,6 +10,7 @@ Public API::
     postprocess = detr_deform.build_postprocessor(cfg)        # (outputs, target_sizes (B,2) as (h,w)) -> detections
     outputs = model(images)                                   # list of normalised 3xHxW tensors of any sizes
     detr_deform.save_hf(model, cfg, folder)                   # a transformers from_pretrained folder
+    detr_deform.detect_video(detector, "clip.mp4")            # per frame; docs/model.md
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 # The public names, imported on first use (PEP 562): ``import detr_deform.errors`` (what every tool
 # needs before it has parsed its arguments) must not pay for torch, torchvision and the models.
 _PUBLIC = {
-    "CheckpointError": "detr_deform.checkpoint",
-    "read_checkpoint": "detr_deform.checkpoint",
-    "Detector": "detr_deform.detector",
-    "save_hf": "detr_deform.hf",
-    "init_from": "detr_deform.loading",
-    "load_model": "detr_deform.loading",
-    "save_checkpoint": "detr_deform.loading",
+    "CheckpointError": "detr_deform.io.checkpoint",
+    "read_checkpoint": "detr_deform.io.checkpoint",
+    "Detector": "detr_deform.inference.detector",
+    "detect_video": "detr_deform.inference.video",
+    "save_hf": "detr_deform.loading.hf",
+    "init_from": "detr_deform.loading.model",
+    "load_model": "detr_deform.loading.model",
+    "save_checkpoint": "detr_deform.loading.model",
     "build_criterion": "detr_deform.models.build",
     "build_model": "detr_deform.models.build",
     "build_postprocessor": "detr_deform.models.build",
@@ -34,10 +36,11 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from detr_deform.checkpoint import CheckpointError, read_checkpoint
-    from detr_deform.detector import Detector
-    from detr_deform.hf import save_hf
-    from detr_deform.loading import init_from, load_model, save_checkpoint
+    from detr_deform.inference.detector import Detector
+    from detr_deform.inference.video import detect_video
+    from detr_deform.io.checkpoint import CheckpointError, read_checkpoint
+    from detr_deform.loading.hf import save_hf
+    from detr_deform.loading.model import init_from, load_model, save_checkpoint
     from detr_deform.models.build import build_criterion, build_model, build_postprocessor
     from detr_deform.models.config import ModelConfig
 
@@ -47,7 +50,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         if importlib.util.find_spec(f"detr_deform.{name}") is None:
             raise AttributeError(f"module 'detr_deform' has no attribute {name!r}")
-        return importlib.import_module(f"detr_deform.{name}")  # a subpackage, e.g. detr_deform.video
+        return importlib.import_module(f"detr_deform.{name}")  # a subpackage, e.g. detr_deform.inference.video
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function
     return value
@@ -66,6 +69,7 @@ __all__ = [
     "build_criterion",
     "build_model",
     "build_postprocessor",
+    "detect_video",
     "init_from",
     "load_model",
     "read_checkpoint",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from detr_deform import build_model, load_model, save_checkpoint
-from detr_deform.checkpoint import read_checkpoint
-from detr_deform.hf import read_hf
+from detr_deform.io.checkpoint import read_checkpoint
+from detr_deform.loading.hf import read_hf
 
 from model_helpers import TINY, VARIANTS, perturb, tiny_config
 from test_checkpoint import official_args
@@ -115,7 +115,7 @@ def test_exit_statuses_and_one_line_errors(tmp_path, capsys):
 
 
 def test_the_calibrated_threshold_travels_into_our_format_only(tmp_path, capsys):
-    from detr_deform.engine.score_threshold import stored_score_threshold
+    from detr_deform.evaluation.score_threshold import stored_score_threshold
 
     cfg = tiny_config()
     save_checkpoint(tmp_path / "ours.pth", build_model(cfg), cfg, step=40,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detr_deform.checkpoint import CheckpointError
+from detr_deform.io.checkpoint import CheckpointError
 from detr_deform.layers.dat_blocks import DeformableAttention2d, LocalAttention, shift_window_mask
 from detr_deform.models import DAT, DATBackbone, build_dat, load_dat_checkpoint
 from detr_deform.utils.nested_tensor import nested_tensor_from_tensor_list

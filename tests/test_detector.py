@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as F
 import detr_deform
 from detr_deform.data.images import load_rgb_image
 from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_size
-from detr_deform.visualization import (
+from detr_deform.data.visualization import (
     MIN_SIDE,
     colour_of,
     detection_labels,
@@ -193,7 +193,7 @@ def test_bad_paths_and_options(detector, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no image files in folder {tmp_path}"):
         detector(tmp_path)
     (tmp_path / "clip.mp4").write_bytes(b"")
-    with pytest.raises(ValueError, match="is a video, not an image: use detr_deform.video.detect_video"):
+    with pytest.raises(ValueError, match="is a video, not an image: use detr_deform.detect_video"):
         detector(tmp_path / "clip.mp4")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -285,8 +285,8 @@ def test_same_size_images_are_batched_together_in_input_order(detector, tiny_dem
 
 
 def test_the_calibrated_threshold_is_the_default(detector, trained_run, image_path, tmp_path):
-    from detr_deform.checkpoint import read_checkpoint, write_checkpoint
-    from detr_deform.detector import DEFAULT_BATCH_SIZE, DEFAULT_SCORE_THRESHOLD
+    from detr_deform.inference.detector import DEFAULT_BATCH_SIZE, DEFAULT_SCORE_THRESHOLD
+    from detr_deform.io.checkpoint import read_checkpoint, write_checkpoint
 
     content = read_checkpoint(trained_run[0] / "checkpoint_best.pth")
     stored = content["score_threshold"]  # written by every evaluation: None when nothing was found right

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import ConfigError
 from detr_deform.data.errors import DatasetError
 from detr_deform.engine.faults import NonFiniteLossError, TrainingInterrupted
@@ -22,11 +21,12 @@ from detr_deform.errors import (
     optional_import,
     run_tool,
 )
-from detr_deform.inputs import InputError, InputTypeError, MissingInputError
+from detr_deform.inference.inputs import InputError, InputTypeError, MissingInputError
+from detr_deform.inference.video import VideoError
+from detr_deform.io.checkpoint import CheckpointError
 from detr_deform.ops._build import OpsBuildError
 from detr_deform.utils.device import DeviceError
 from detr_deform.utils.files import OutputError
-from detr_deform.video import VideoError
 
 from test_tools import tool_module
 

@@ -25,9 +25,11 @@ from transformers.models.deformable_detr.image_processing_deformable_detr import
 from transformers.utils import logging as hf_logging
 
 from detr_deform import CheckpointError, Detector, build_model, init_from, load_model, save_hf
-from detr_deform.hf import config_from_hf, read_hf, state_dict_to_hf
 from detr_deform.layers import MSDeformAttn
-from detr_deform.loading import read_content
+from detr_deform.loading.hf import read_hf
+from detr_deform.loading.hf_config import config_from_hf
+from detr_deform.loading.hf_weights import state_dict_to_hf
+from detr_deform.loading.model import read_content
 
 from model_helpers import perturb, tiny_config
 
@@ -426,7 +428,7 @@ def test_a_preprocessing_we_cannot_reproduce_is_named_and_the_weights_still_load
                                                                                  message):
     import shutil
 
-    from detr_deform.hf import ImageProcessorWarning
+    from detr_deform.loading.hf_config import ImageProcessorWarning
 
     folder = tmp_path / "hf"
     shutil.copytree(plain_folder, folder)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detr_deform import build_model, save_checkpoint
-from detr_deform.loading import init_from
+from detr_deform.loading.model import init_from
 from detr_deform.models.proposals import TooFewTokensError, encoder_tokens, refuse_too_few_tokens, smallest_square_side
 
 from data_helpers import write_dataset, write_image
@@ -139,7 +139,7 @@ def test_init_from_reports_the_files_tensors_it_left_unused(tmp_path):
 
 
 def test_an_empty_video_file_says_it_is_empty(tmp_path):
-    from detr_deform.video import VideoError, VideoReader
+    from detr_deform.inference.video import VideoError, VideoReader
 
     empty = tmp_path / "clip.mp4"
     empty.write_bytes(b"")

@@ -173,14 +173,14 @@ def test_worker_and_memory_messages_from_torchs_texts():
 
 
 def test_worker_timeout_is_validated():
-    from detr_deform.cli import compose_config
+    from detr_deform.cli.compose import compose_config
     from detr_deform.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.worker_timeout_s=-1 is out of range"):
         compose_config(["data.worker_timeout_s=-1"])
     # Under DDP the stall must be noticed before the other ranks' collective times out: at most half
     # of runtime.dist_timeout_s there (a refusal would break every short runtime.dist_timeout_s).
-    from detr_deform.data.loaders import worker_timeout
+    from detr_deform.engine.loaders import worker_timeout
 
     cfg = compose_config(["data.worker_timeout_s=2000", "data.num_workers=2"])
     assert worker_timeout(cfg, 1) == 2000 and worker_timeout(cfg, 2) == 900

@@ -17,10 +17,10 @@ from test_robustness import one_line_error
 from test_training_faults import FAULTS, QUICK, env, records, wait_for_train_records
 
 from detr_deform import CheckpointError, build_model, read_checkpoint, save_checkpoint
-from detr_deform.checkpoint import write_checkpoint
 from detr_deform.engine.run import inexact_resume_note, resume_record
 from detr_deform.engine.run_dir import LOCK_NAME, RunDirectoryBusy, create_run_dir, lock_run_dir
 from detr_deform.engine.run_logger import repair_log
+from detr_deform.io.checkpoint import write_checkpoint
 from detr_deform.utils.files import OutputIsInputError, refuse_outputs_onto_inputs
 
 from model_helpers import tiny_config

@@ -40,7 +40,7 @@ def test_latest_link_that_cannot_be_made_is_one_output_error(tmp_path):
                                          (["--experiment=demo"], "experiment=demo"),
                                          (["experiment=demo", "--optim.lr", "1e-4"], "optim.lr=1e-4")])
 def test_a_flag_instead_of_an_override_names_the_override_meant(argv, meant):
-    from detr_deform.cli import compose_config
+    from detr_deform.cli.compose import compose_config
     from detr_deform.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
@@ -51,7 +51,7 @@ def test_a_flag_instead_of_an_override_names_the_override_meant(argv, meant):
 
 
 def test_override_syntax_errors_carry_no_parser_class_name():
-    from detr_deform.cli import compose_config
+    from detr_deform.cli.compose import compose_config
     from detr_deform.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
@@ -174,7 +174,7 @@ def test_plot_logs_shows_one_evaluation_with_markers_colours_and_the_training_ax
 def test_every_resnet_the_docs_list_has_a_preset():
     import torch
 
-    from detr_deform.cli import compose_config
+    from detr_deform.cli.compose import compose_config
     from detr_deform.models.backbone import ResNetBackbone
     from detr_deform.models.config import RESNET_BACKBONES
 

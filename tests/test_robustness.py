@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from detr_deform import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
-from detr_deform.checkpoint import write_checkpoint
-from detr_deform.cli import compose_config
+from detr_deform.cli.compose import compose_config
 from detr_deform.config import ConfigError
-from detr_deform.loading import NonFiniteWeightsWarning
+from detr_deform.io.checkpoint import write_checkpoint
+from detr_deform.loading.model import NonFiniteWeightsWarning
 
 from model_helpers import tiny_config
 from pipeline_helpers import PYTHON, ROOT, run, tiny_train_args, train
@@ -77,7 +77,7 @@ def _rewrite(path, target, edit):
     (lambda c: c.update(category_names={"one": "cat"}), "'category_names' must map class ids to names"),
 ])
 def test_every_stored_section_is_checked_when_a_detector_loads(saved, tmp_path, edit, message):
-    from detr_deform.detector import Detector
+    from detr_deform.inference.detector import Detector
 
     path = _rewrite(saved[0], tmp_path / "bad.pth", edit)
     with pytest.raises(CheckpointError) as caught:
@@ -126,7 +126,7 @@ def test_files_that_are_not_checkpoints(tmp_path, content, message):
 
 
 def test_files_that_exist_but_cannot_be_read_are_one_line(saved, tmp_path, monkeypatch):
-    import detr_deform.checkpoint as checkpoint_module
+    import detr_deform.io.checkpoint as checkpoint_module
     from detr_deform.data import schema
     from detr_deform.data.errors import DatasetError
 
@@ -186,7 +186,7 @@ def test_weights_checksum_catches_a_flipped_byte_and_old_files_still_load(saved,
     model, _ = load_model(old)
     assert torch.equal(model.transformer.level_embed, weights)
     # ... and as written when only the weights were checksummed: still verified
-    from detr_deform.checkpoint import weights_checksum
+    from detr_deform.io.checkpoint import weights_checksum
 
     torch.save({**content, "weights_sha256": weights_checksum(content["model"])}, old)
     assert torch.equal(load_model(old)[0].transformer.level_embed, weights)
@@ -239,7 +239,7 @@ class _InterruptedFile(_FullDisk):
 ])
 def test_a_write_failing_inside_torch_save_is_reported_as_what_it_was(tmp_path, monkeypatch, broken_file, raised,
                                                                       message):
-    import detr_deform.checkpoint as checkpoint
+    import detr_deform.io.checkpoint as checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint_last.pth", torch.nn.Linear(4, 4), tiny_config(), note="first")
     real_open = open
@@ -433,7 +433,7 @@ def test_skipped_validation_images_are_left_out_not_evaluated_twice(tiny_demo_ro
 
     from detr_deform.config import DataConfig
     from detr_deform.data.coco import collate_fn
-    from detr_deform.data.loaders import build_datasets
+    from detr_deform.engine.loaders import build_datasets
     from detr_deform.engine.steps import evaluate
 
     root = tmp_path / "data"

@@ -1,13 +1,13 @@
-"""The F1-maximising score threshold (detr_deform.engine.score_threshold) on hand-made
+"""The F1-maximising score threshold (detr_deform.evaluation.score_threshold) on hand-made
 detections, and how a checkpoint's stored threshold is read."""
 import pytest
 
-from detr_deform.checkpoint import CheckpointError
-from detr_deform.engine.score_threshold import (
+from detr_deform.evaluation.score_threshold import (
     DEFAULT_SCORE_THRESHOLD,
     best_f1_threshold,
     stored_score_threshold,
 )
+from detr_deform.io.checkpoint import CheckpointError
 
 
 def gt(image, category, box, crowd=0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_deform.visualization import drawing_scale
+from detr_deform.data.visualization import drawing_scale
 
 from pipeline_helpers import PYTHON, ROOT, TINY_MODEL, run
 
@@ -159,8 +159,8 @@ def test_sampling_points_match_the_model(checkpoint, tiny_demo_root):
     """The drawn points are the last decoder layer's sampling locations, in pixels."""
     from detr_deform import Detector
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.inference import decoder_sampling, encoder_sampling, recording_sampling
-    from detr_deform.inputs import pil_to_tensor
+    from detr_deform.inference.inputs import pil_to_tensor
+    from detr_deform.inference.sampling import decoder_sampling, encoder_sampling, recording_sampling
 
     detector = Detector.from_pretrained(checkpoint, device="cpu")
     image = load_rgb_image(tiny_demo_root / "val2017" / "val_00003.jpg")

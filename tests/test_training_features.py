@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from detr_deform import build_criterion, build_model
-from detr_deform.cli import compose_config
+from detr_deform.cli.compose import compose_config
 from detr_deform.config import ConfigError
 from detr_deform.data.coco import load_coco_json
-from detr_deform.engine.coco_eval import evaluate_coco
 from detr_deform.engine.steps import train_step
+from detr_deform.evaluation.coco_eval import evaluate_coco
 
 from model_helpers import random_targets, tiny_config
 from pipeline_helpers import ROOT, tiny_train_args, train

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_deform.visualization import drawing_scale
+from detr_deform.data.visualization import drawing_scale
 
 from pipeline_helpers import PYTHON, run
 
@@ -20,7 +20,7 @@ FRAMES, WIDTH, HEIGHT = 12, 160, 144
 @pytest.fixture(scope="module")
 def clip(tiny_demo_root, tmp_path_factory):
     """12 frames of the demo validation images at 160 x 144, 12 frames/s, H.264 (MPEG-4 part 2 without it)."""
-    from detr_deform.video import VideoWriter
+    from detr_deform.inference.video import VideoWriter
 
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     sources = sorted((tiny_demo_root / "val2017").glob("*.jpg"))
@@ -62,7 +62,7 @@ def test_infer_annotates_a_video(trained_run, clip, tmp_path):
 
 
 def test_detect_video_batches_give_the_per_frame_results(detector, clip):
-    from detr_deform.video import VideoReader, detect_video
+    from detr_deform.inference.video import VideoReader, detect_video
 
     with VideoReader(clip) as video:
         assert (video.width, video.height, video.fps, video.frame_count) == (WIDTH, HEIGHT, 12, FRAMES)
@@ -79,7 +79,7 @@ def test_detect_video_batches_give_the_per_frame_results(detector, clip):
 
 
 def test_writer_sizes_codecs_and_errors(tmp_path, monkeypatch):
-    from detr_deform.video import VideoError, VideoReader, VideoWriter, require_av
+    from detr_deform.inference.video import VideoError, VideoReader, VideoWriter, require_av
 
     with VideoWriter(tmp_path / "odd.mp4", fps=5) as writer:
         for value in (0, 128, 255):

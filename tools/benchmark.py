@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_config(overrides: list[str], num_classes: int):
-    from detr_deform.cli import compose_config
+    from detr_deform.cli.compose import compose_config
 
     cfg = compose_config(overrides)
     cfg.model.pretrained_backbone = None

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detr_deform.data.coco import load_coco_json  # noqa: E402
-from detr_deform.engine.coco_eval import evaluate_coco  # noqa: E402
 from detr_deform.errors import EXIT_STATUS_HELP  # noqa: E402
+from detr_deform.evaluation.coco_eval import evaluate_coco  # noqa: E402
 
 
 def synthetic_coco(num_images: int, seed: int = 0, detections_per_image: int = 100) -> tuple[dict, list[dict]]:

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from detr_deform.checkpoint import CheckpointError, write_checkpoint
 from detr_deform.config import DataConfig
-from detr_deform.engine.score_threshold import stored_score_threshold
 from detr_deform.errors import EXIT_FAILED, EXIT_STATUS_HELP, run_tool
-from detr_deform.hf import save_hf
-from detr_deform.loading import model_from_content, read_content, save_checkpoint
+from detr_deform.evaluation.score_threshold import stored_score_threshold
+from detr_deform.io.checkpoint import CheckpointError, write_checkpoint
+from detr_deform.loading.hf import save_hf
+from detr_deform.loading.model import model_from_content, read_content, save_checkpoint
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.files import refuse_outputs_onto_inputs
 

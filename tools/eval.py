@@ -33,14 +33,14 @@ from detr_deform.config import DataConfig
 from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.transforms import build_transforms
-from detr_deform.detector import category_names_of
-from detr_deform.engine import distributed
-from detr_deform.engine.coco_eval import format_metrics_table
-from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold, stored_score_threshold
 from detr_deform.engine.steps import evaluate
 from detr_deform.errors import EXIT_STATUS_HELP, run_tool
-from detr_deform.loading import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
+from detr_deform.evaluation.coco_eval import format_metrics_table
+from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold, stored_score_threshold
+from detr_deform.inference.detector import category_names_of
+from detr_deform.loading.model import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
 from detr_deform.models.build import build_postprocessor
+from detr_deform.utils import distributed
 from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text
 
 

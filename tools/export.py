@@ -55,7 +55,7 @@ def check_images(args: argparse.Namespace, height: int, width: int) -> list[torc
 
     from detr_deform.data.images import load_rgb_image
     from detr_deform.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from detr_deform.inputs import collect_images
+    from detr_deform.inference.inputs import collect_images
 
     if not args.check_images:
         generator = torch.Generator().manual_seed(0)
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Exports, then (unless --no-check) compares with onnxruntime; the exit status."""
-    from detr_deform.detector import Detector
     from detr_deform.errors import MissingExtraError
-    from detr_deform.export import compare_with_onnxruntime, export_onnx
+    from detr_deform.export.onnx import compare_with_onnxruntime, export_onnx
+    from detr_deform.inference.detector import Detector
     from detr_deform.utils.files import refuse_outputs_onto_inputs, write_text, writing
 
     output = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))

@@ -42,12 +42,12 @@ from typing import Any
 
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.images import load_rgb_image
-from detr_deform.detector import DEFAULT_BATCH_SIZE, Detections, Detector
+from detr_deform.data.visualization import save_image
 from detr_deform.errors import EXIT_STATUS_HELP, DetrDeformError, run_tool
-from detr_deform.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file, other_files
+from detr_deform.inference.detector import DEFAULT_BATCH_SIZE, Detections, Detector
+from detr_deform.inference.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, collect_images, is_video_file, other_files
 from detr_deform.utils.device import resolve_device
 from detr_deform.utils.files import OutputError, atomic_open, refuse_outputs_onto_inputs, same_file, writing
-from detr_deform.visualization import save_image
 
 VIDEO_BATCH = DEFAULT_BATCH_SIZE  # frames share a size: batching them changes no result
 
@@ -259,7 +259,7 @@ def run_images(detector: Detector, paths: list[Path], args: argparse.Namespace,
 
 
 def run_video(detector: Detector, path: Path, args: argparse.Namespace, used: set[str]) -> dict[str, Any]:
-    from detr_deform.video import VideoReader, VideoWriter, detect_video  # PyAV: only for videos
+    from detr_deform.inference.video import VideoReader, VideoWriter, detect_video  # PyAV: only for videos
 
     stem = unique_stem(path, used)
     lines_path = args.output_dir / f"{stem}.detections.jsonl"
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{', '.join(p.name for p in others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     check_outputs(images, videos, args)
     if videos:
-        from detr_deform.video import require_av  # fail before loading the model
+        from detr_deform.inference.video import require_av  # fail before loading the model
 
         require_av()
     device = resolve_device(args.device, option="--device")

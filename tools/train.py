@@ -23,7 +23,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from detr_deform.cli import compose_config, config_from_hydra, hydra_mode
+from detr_deform.cli.compose import compose_config, config_from_hydra, hydra_mode
 from detr_deform.config import Config, register_configs
 from detr_deform.engine.faults import TrainingFailed
 from detr_deform.engine.loader_faults import describe_runtime_failure

@@ -79,11 +79,11 @@ def _caption(where: str, sampling, with_box: bool) -> str:
 
 def attention_maps(args: argparse.Namespace) -> list[Path]:
     from detr_deform.data.images import load_rgb_image
-    from detr_deform.detector import Detector
-    from detr_deform.inference import decoder_sampling, encoder_sampling, recording_sampling
-    from detr_deform.inputs import collect_images
+    from detr_deform.data.visualization import draw_sampling_points, save_image
+    from detr_deform.inference.detector import Detector
+    from detr_deform.inference.inputs import collect_images
+    from detr_deform.inference.sampling import decoder_sampling, encoder_sampling, recording_sampling
     from detr_deform.utils.device import resolve_device
-    from detr_deform.visualization import draw_sampling_points, save_image
 
     paths = collect_images(args.inputs)
     detector = Detector.from_pretrained(args.checkpoint, resolve_device(args.device, option="--device"))
@@ -139,8 +139,8 @@ def dataset_samples(args: argparse.Namespace) -> list[Path]:
     from detr_deform.config import DataConfig
     from detr_deform.data.coco import CocoDetection
     from detr_deform.data.transforms import build_transforms
+    from detr_deform.data.visualization import denormalize, draw_boxes, save_image, with_caption
     from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
-    from detr_deform.visualization import denormalize, draw_boxes, save_image, with_caption
 
     data = _data_settings(args)
     if args.demo:

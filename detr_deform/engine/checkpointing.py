@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from detr_deform.checkpoint import CheckpointError, read_checkpoint
-from detr_deform.engine import distributed
 from detr_deform.engine.optim import LRSchedule
 from detr_deform.engine.state import TrainState, rng_state, set_rng_state
-from detr_deform.loading import nonfinite_tensors, save_checkpoint
+from detr_deform.io.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.loading.model import nonfinite_tensors, save_checkpoint
+from detr_deform.utils import distributed
 
 
 @dataclass

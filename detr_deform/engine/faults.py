@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from detr_deform.engine import distributed
 from detr_deform.errors import EXIT_FAILED, EXIT_STOPPED, DetrDeformError
+from detr_deform.utils import distributed
 from detr_deform.utils.files import write_text
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

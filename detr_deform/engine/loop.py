@@ -14,12 +14,13 @@ from tqdm import tqdm
 
 from detr_deform.config import Config, ConfigError
 from detr_deform.data.coco import raise_worker_errors_cleanly, skipped_in
-from detr_deform.data.loaders import Loaders
-from detr_deform.engine import distributed, faults, loader_faults
+from detr_deform.engine import faults, loader_faults
 from detr_deform.engine.checkpointing import TrainingParts
+from detr_deform.engine.loaders import Loaders
 from detr_deform.engine.run_logger import RunLogger
 from detr_deform.engine.state import TrainState
 from detr_deform.engine.steps import Batch, accumulated_step, move_targets
+from detr_deform.utils import distributed
 
 EARLY_STEPS = (1, 2, 5, 10)  # steps that print a console line before the first log_every line (no bar)
 

@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from detr_deform.config import Config, ConfigError, DataConfig
 from detr_deform.data.coco import CocoDetection
-from detr_deform.engine import distributed, faults
+from detr_deform.engine import faults
 from detr_deform.engine.run_dir import RunLock, create_run_dir, lock_run_dir, run_files
 from detr_deform.models.config import ModelConfig
+from detr_deform.utils import distributed
 from detr_deform.utils.files import OutputError, writing
 
 # Changes that make a resumed run differ from the uninterrupted one (other batches, other steps per epoch).

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from detr_deform.data.visualization import denormalize, detection_labels, draw_boxes
 from detr_deform.engine.trackers import TensorBoardTracker, Tracker, build_trackers
 from detr_deform.utils.files import write_text, writing
-from detr_deform.visualization import denormalize, detection_labels, draw_boxes
 
 
 class RunLogger:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from detr_deform.data.coco import raise_worker_errors_cleanly
-from detr_deform.engine.coco_eval import detections_to_coco, evaluate_coco, gather_detections
 from detr_deform.engine.loader_faults import WorkerWatch
+from detr_deform.evaluation.coco_eval import detections_to_coco, evaluate_coco, gather_detections
 from detr_deform.models.criterion import box_normalizer
 
 

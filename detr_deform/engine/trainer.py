@@ -14,8 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from detr_deform.config import Config
 from detr_deform.data.coco import CocoDetection
-from detr_deform.data.loaders import Loaders, build_datasets, build_loaders
-from detr_deform.engine import distributed, faults
+from detr_deform.engine import faults
 from detr_deform.engine.checkpointing import (
     Resumed,
     TrainingParts,
@@ -24,7 +23,7 @@ from detr_deform.engine.checkpointing import (
     save_on_failure,
     save_training_checkpoint,
 )
-from detr_deform.engine.coco_eval import format_metrics_table
+from detr_deform.engine.loaders import Loaders, build_datasets, build_loaders
 from detr_deform.engine.loop import (
     EpochResult,
     LoopContext,
@@ -36,14 +35,16 @@ from detr_deform.engine.optim import LRSchedule, build_optimizer, lr_scale_for
 from detr_deform.engine.run import ResolvedRun, inexact_resume_note, resolve_data_root, resolve_run, resume_record
 from detr_deform.engine.run_dir import RunLock
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
-from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
-from detr_deform.loading import init_from
+from detr_deform.evaluation.coco_eval import format_metrics_table
+from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
+from detr_deform.loading.model import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.proposals import refuse_too_few_tokens
 from detr_deform.ops.status import operator_build_pending
+from detr_deform.utils import distributed
 from detr_deform.utils.files import OutputError, append_line, update_latest_link, write_text
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from detr_deform.checkpoint import CheckpointError, read_checkpoint, state_dict_of
+from detr_deform.io.checkpoint import CheckpointError, read_checkpoint, state_dict_of
 from detr_deform.models.config import BACKBONE_NORMS, RESNET_BACKBONES
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detr_deform.engine.distributed import all_reduce_sum, world_size
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.utils.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from detr_deform.utils.distributed import all_reduce_sum, world_size
 
 
 def build_weight_dict(cls_loss_coef: float, bbox_loss_coef: float, giou_loss_coef: float, dec_layers: int,

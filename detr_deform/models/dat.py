@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from detr_deform.checkpoint import CheckpointError, read_checkpoint
+from detr_deform.io.checkpoint import CheckpointError, read_checkpoint
 from detr_deform.layers.dat_blocks import DeformableAttention2d, LayerNormProxy, LocalAttention, TransformerMLP
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 

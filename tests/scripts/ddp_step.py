@@ -15,9 +15,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detr_deform import build_criterion, build_model  # noqa: E402
 from detr_deform.config import OptimConfig  # noqa: E402
-from detr_deform.engine import distributed  # noqa: E402
 from detr_deform.engine.optim import build_optimizer  # noqa: E402
 from detr_deform.engine.steps import accumulated_step, train_step  # noqa: E402
+from detr_deform.utils import distributed  # noqa: E402
 
 from model_helpers import tiny_config  # noqa: E402
 

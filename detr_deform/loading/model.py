@@ -3,8 +3,8 @@ model-zoo files, Hugging Face folders), ``init_from`` (fine-tuning),
 ``save_checkpoint``; ``read_content`` is the one entry point that reads any of them.
 
 The layer above :mod:`detr_deform.models` (it builds models) and above
-:mod:`detr_deform.checkpoint` (which only reads and writes files) and
-:mod:`detr_deform.hf` (which reads Hugging Face folders into our layout).
+:mod:`detr_deform.io.checkpoint` (which only reads and writes files) and
+:mod:`detr_deform.loading.hf` (which reads Hugging Face folders into our layout).
 """
 from __future__ import annotations
 
@@ -18,17 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from detr_deform import hf
-from detr_deform.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of, write_checkpoint
+from detr_deform.io.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of, write_checkpoint
+from detr_deform.io.hf_folder import is_hf_checkpoint
+from detr_deform.loading.hf import read_hf
 from detr_deform.models.build import build_model
 from detr_deform.models.config import ModelConfig
 
 
 def read_content(path: str | os.PathLike) -> Any:
     """The content of any checkpoint we read: a Hugging Face ``save_pretrained`` folder
-    (or its weights file) converted to our layout by :func:`detr_deform.hf.read_hf`, else
+    (or its weights file) converted to our layout by :func:`detr_deform.loading.hf.read_hf`, else
     the file as ``read_checkpoint`` reads it (ours, official). Feed it to ``model_from_content``."""
-    return hf.read_hf(path) if hf.is_hf_checkpoint(path) else read_checkpoint(path)
+    return read_hf(path) if is_hf_checkpoint(path) else read_checkpoint(path)
 
 
 def config_of(content: Any, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> ModelConfig:

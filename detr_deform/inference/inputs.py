@@ -7,7 +7,7 @@ at once, naming it — and decoded only when its batch runs:
 - ``str`` / ``os.PathLike`` (``~`` expanded): an image file (any PIL mode, EXIF
   orientation applied, via :func:`detr_deform.data.images.load_rgb_image`) or a
   folder (its image files, sorted by name, not recursive). A video file is refused with a
-  pointer to :func:`detr_deform.video.detect_video` and ``tools/infer.py``.
+  pointer to :func:`detr_deform.detect_video` and ``tools/infer.py``.
 - ``PIL.Image.Image``: any mode (RGB, RGBA, L, LA, P, CMYK, YCbCr, 16-bit, 32-bit,
   float), EXIF orientation applied (images from ``Image.open`` keep it).
 - ``numpy.ndarray``: (H, W) grayscale or (H, W, C) with C = 1, 3 (RGB) or 4 (RGBA,
@@ -114,7 +114,8 @@ def _path_inputs(path: Path) -> list[ImageInput]:
     if not path.exists():
         raise MissingInputError(f"no such image file or folder: {path}")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        raise InputError(f"{path} is a video, not an image: use detr_deform.video.detect_video(detector, path) "
+        raise InputError(f"{path} is a video, not an image: use "
+                         f"detr_deform.detect_video(detector, path) "
                          f"or tools/infer.py {path.name} --draw")
     return [_file_input(path)]
 

@@ -9,7 +9,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_deform.engine.distributed import all_gather_object, world_size
+from detr_deform.utils.distributed import all_gather_object, world_size
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 METRIC_DESCRIPTIONS = [

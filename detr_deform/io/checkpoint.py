@@ -1,5 +1,5 @@
 """Checkpoint files: safe reading, atomic writing. Knows nothing about models
-(:mod:`detr_deform.loading` builds models from what is read here).
+(:mod:`detr_deform.loading.model` builds models from what is read here).
 
 Every file is read with ``torch.load(weights_only=True)``; the only non-tensor
 classes allowed are ``argparse.Namespace`` (the ``args`` of official Deformable

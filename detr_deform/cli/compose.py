@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from detr_deform.config import Config, ConfigError, register_configs, validate
 from detr_deform.utils.fields import did_you_mean
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def config_from_hydra(cfg: DictConfig) -> Config:

@@ -19,7 +19,6 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
-from detr_deform.checkpoint import CheckpointError
 from detr_deform.config import ConfigError, DataConfig
 from detr_deform.data.coco_names import COCO_CATEGORY_NAMES
 from detr_deform.data.transforms import (
@@ -29,14 +28,15 @@ from detr_deform.data.transforms import (
     OFFICIAL_VAL_SIZE,
     official_resize_size,
 )
-from detr_deform.engine.score_threshold import DEFAULT_SCORE_THRESHOLD, stored_score_threshold
-from detr_deform.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
-from detr_deform.loading import model_from_content, read_content
+from detr_deform.data.visualization import MIN_SIDE, draw_detections
+from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, stored_score_threshold
+from detr_deform.inference.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
+from detr_deform.io.checkpoint import CheckpointError
+from detr_deform.loading.model import model_from_content, read_content
 from detr_deform.models.build import build_postprocessor
 from detr_deform.models.config import ModelConfig
 from detr_deform.models.postprocess import PostProcess
 from detr_deform.utils.device import resolve_device
-from detr_deform.visualization import MIN_SIDE, draw_detections
 
 DEFAULT_BATCH_SIZE = 8  # images per forward pass, for the Detector and tools/infer.py alike
 GROUP_WINDOW = 4        # batches of images loaded at a time, among which same-size images are batched together
@@ -83,7 +83,7 @@ class Detector:
 
     ``score_threshold`` is the default minimum score of a detection: the one that
     maximised F1 on the validation set of the run (stored in our checkpoints at
-    each evaluation, see :mod:`detr_deform.engine.score_threshold`), else
+    each evaluation, see :mod:`detr_deform.evaluation.score_threshold`), else
     ``DEFAULT_SCORE_THRESHOLD`` (0.3; official and Hugging Face files). The source
     is in ``score_threshold_source``.
     """
@@ -134,7 +134,7 @@ class Detector:
     def __call__(self, inputs: Inputs, threshold: float | None = None, topk: int = 100,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[Detections]:
         """Detections for each image of ``inputs`` (a path, a folder, a PIL image, a
-        numpy array, a tensor or a list of these; see :mod:`detr_deform.inputs`), in
+        numpy array, a tensor or a list of these; see :mod:`detr_deform.inference.inputs`), in
         order: at most ``topk`` (query, class) pairs by score, those with a score of at
         least ``threshold`` (default: ``self.score_threshold``, the checkpoint's
         calibrated threshold).

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from detr_deform.checkpoint import CheckpointError
+from detr_deform.io.checkpoint import CheckpointError
 
 DEFAULT_SCORE_THRESHOLD = 0.3
 MATCH_IOU = 0.5

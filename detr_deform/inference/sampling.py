@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from detr_deform.detector import Detections, Detector
-from detr_deform.inputs import InputError
+from detr_deform.inference.detector import Detections, Detector
+from detr_deform.inference.inputs import InputError
 from detr_deform.layers.ms_deform_attn import MSDeformAttn
 
 

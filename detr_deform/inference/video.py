@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detr_deform.detector import DEFAULT_BATCH_SIZE, Detections, Detector
 from detr_deform.errors import DetrDeformError
-from detr_deform.inputs import VIDEO_SUFFIXES
+from detr_deform.inference.detector import DEFAULT_BATCH_SIZE, Detections, Detector
+from detr_deform.inference.inputs import VIDEO_SUFFIXES
 
 # Encoders tried in order, by output suffix (the first one this FFmpeg build has wins).
 ENCODERS = {".webm": ("libvpx-vp9", "libvpx"), ".avi": ("mpeg4",)}

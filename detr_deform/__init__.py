@@ -14,9 +14,9 @@ Public API::
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from detr_deform.utils.lazy import lazy_exports
 
 # The public names, imported on first use (PEP 562): ``import detr_deform.errors`` (what every tool
 # needs before it has parsed its arguments) must not pay for torch, torchvision and the models.
@@ -45,20 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from detr_deform.models.config import ModelConfig
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        if importlib.util.find_spec(f"detr_deform.{name}") is None:
-            raise AttributeError(f"module 'detr_deform' has no attribute {name!r}")
-        return importlib.import_module(f"detr_deform.{name}")  # a subpackage, e.g. detr_deform.inference.video
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
-
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from detr_deform.data import transforms as official
+from detr_deform.data import sizes as official
 from detr_deform.data.demo import ensure_demo_dataset
 from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID
 from detr_deform.errors import DetrDeformError

@@ -1,6 +1,5 @@
 """tools/convert.py: official -> HF -> ours -> official, bitwise on every weight, and the
 same outputs from every file; exit statuses and one-line errors."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,16 +8,16 @@ import pytest
 import torch
 
 from detr_deform import build_model, load_model, save_checkpoint
+from detr_deform.cli.convert import OFFICIAL_FIELDS
 from detr_deform.io.checkpoint import read_checkpoint
 from detr_deform.loading.hf import read_hf
 
 from model_helpers import TINY, VARIANTS, perturb, tiny_config
 from test_checkpoint import official_args
+from test_tools import tool_module
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+convert = tool_module("convert")
 
 
 # Tiny models: extra threads only add synchronisation (and stall on a loaded machine).
@@ -57,7 +56,7 @@ def test_official_hf_ours_official_round_trip_is_bitwise(tmp_path, variant):
     assert all(torch.equal(source["model"][k], back["model"][k]) for k in source["model"]), "weights changed"
     ours = read_checkpoint(tmp_path / "ours.pth")["model"]
     assert all(torch.equal(source["model"][k], ours[k]) for k in source["model"])
-    for name in convert.OFFICIAL_FIELDS + ("lr_backbone", "masks", "dataset_file"):
+    for name in OFFICIAL_FIELDS + ("lr_backbone", "masks", "dataset_file"):
         assert getattr(back["args"], name) == getattr(source["args"], name), name
     first, second = read_hf(tmp_path / "hf")["model"], read_hf(tmp_path / "hf2")["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)

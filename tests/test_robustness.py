@@ -520,13 +520,11 @@ def test_disk_full_when_the_run_starts_is_one_line(tiny_demo_root, tmp_path):
 
 def test_disk_full_while_writing_evaluation_results_is_one_line(trained_run, tiny_demo_root, tmp_path, monkeypatch,
                                                                 capsys):
-    import importlib.util
-
     from detr_deform.utils import files
 
-    spec = importlib.util.spec_from_file_location("eval_tool", ROOT / "tools" / "eval.py")
-    eval_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_tool)
+    from test_tools import tool_module
+
+    eval_tool = tool_module("eval")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -582,11 +580,7 @@ def test_eval_with_a_missing_gpu_names_its_own_option(saved, tmp_path):
 
 
 def test_eval_output_goes_beside_the_checkpoint_or_to_outputs_when_that_folder_is_read_only(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_tool", ROOT / "tools" / "eval.py")
-    eval_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_tool)
+    from detr_deform.cli import evaluate as eval_tool  # the tool's work, where default_output lives
     checkpoint = tmp_path / "models" / "model.pth"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"")

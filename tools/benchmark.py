@@ -25,10 +25,13 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from detr_deform.errors import EXIT_STATUS_HELP
+
+# torch is imported inside the functions that use it: --help and argument errors answer before it loads.
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +68,7 @@ def load_config(overrides: list[str], num_classes: int):
 def register_operator_flops() -> bool:
     """Counts the compiled operator; False when it is unavailable (the
     grid_sample fallback's FLOPs are then not counted)."""
+    import torch
     from torch.utils.flop_counter import register_flop_formula
 
     from detr_deform.ops import compiled_op_available
@@ -82,11 +86,15 @@ def register_operator_flops() -> bool:
 
 
 def _images(batch: int, height: int, width: int, device) -> list[torch.Tensor]:
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(3, height, width, generator=generator).to(device) for _ in range(batch)]
 
 
 def _targets(batch: int, num_classes: int, device) -> list[dict]:
+    import torch
+
     generator = torch.Generator().manual_seed(1)
     targets = []
     for _ in range(batch):
@@ -99,6 +107,8 @@ def _targets(batch: int, num_classes: int, device) -> list[dict]:
 
 
 def _peak_memory_mib(device) -> float:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -106,6 +116,8 @@ def _peak_memory_mib(device) -> float:
 
 def run_phase(args: argparse.Namespace) -> dict:
     """One measurement, in this (fresh) process."""
+    import torch
+
     from detr_deform.engine.optim import build_optimizer
     from detr_deform.engine.steps import train_step
     from detr_deform.models.build import build_criterion, build_model
@@ -175,6 +187,8 @@ def measure(args: argparse.Namespace, phase: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
     if args.phase:
         print(json.dumps(run_phase(args)))
         return 0

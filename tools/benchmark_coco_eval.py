@@ -20,9 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detr_deform.data.coco import load_coco_json  # noqa: E402
 from detr_deform.errors import EXIT_STATUS_HELP  # noqa: E402
-from detr_deform.evaluation.coco_eval import evaluate_coco  # noqa: E402
 
 
 def synthetic_coco(num_images: int, seed: int = 0, detections_per_image: int = 100) -> tuple[dict, list[dict]]:
@@ -66,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.repeat < 1:
         parser.error("--images and --repeat must be at least 1")
+    # Imported after parsing: --help and argument errors answer before torch loads.
+    from detr_deform.data.coco import load_coco_json
+    from detr_deform.evaluation.coco_eval import evaluate_coco
+
     content, detections = synthetic_coco(args.images)
     coco = load_coco_json("synthetic", content)
     ids = [image["id"] for image in content["images"]]

@@ -23,9 +23,9 @@ import resource
 import subprocess
 import sys
 
-import torch
-
 from detr_deform.errors import EXIT_STATUS_HELP
+
+# torch is imported inside the functions that use it: --help and argument errors answer before it loads.
 
 # Deformable DETR at 800x1333 (strides 8/16/32/64), hidden 256 = 8 heads x 32.
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
@@ -34,6 +34,8 @@ SCALES = {"encoder": None, "decoder": 300}  # number of queries; None -> Lq = S
 
 def reference_points(num_query, generator, levels=LEVELS):
     """Encoder: every pixel centre of every level (normalised); decoder: uniform."""
+    import torch
+
     if num_query is not None:
         return torch.rand(1, num_query, 1, 1, 1, 2, generator=generator)
     refs = []
@@ -47,6 +49,8 @@ def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=
                 levels=LEVELS):
     """((value, spatial_shapes, level_start_index, sampling_locations, attention_weights), Lq) on ``device``;
     ``levels`` (H, W) default to Deformable DETR's at 800x1333. Also used by tools/gpu_check.py."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor(levels, dtype=torch.int64)
     areas = shapes[:, 0] * shapes[:, 1]
@@ -76,6 +80,8 @@ def make_inputs(num_query, device, dtype, heads=8, channels=32, points=4, batch=
 
 def run_case(impl: str, scale: str, device: str, dtype: str, repeat: int, locations: str,
              deterministic: bool = False) -> dict:
+    import torch
+
     from detr_deform.ops import load_compiled_op, ms_deform_attn
     from detr_deform.utils.timing import median_seconds, synchronize
 
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--_case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -23,11 +23,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from detr_deform.cli.compose import compose_config, config_from_hydra, hydra_mode
+from detr_deform.cli.compose import HELP_FLAGS, compose_config, config_from_hydra, hydra_mode, usage_text
 from detr_deform.config import Config, register_configs
-from detr_deform.engine.faults import TrainingFailed
-from detr_deform.engine.loader_faults import describe_runtime_failure
-from detr_deform.engine.trainer import train
 from detr_deform.errors import run_tool
 
 register_configs()
@@ -55,15 +52,11 @@ def run(cfg: DictConfig) -> None:
 
 
 def train_reporting_failures(cfg: Config) -> None:
-    """``train``, with a dead DataLoader worker or an out-of-memory error outside the training
-    steps (in the evaluation) as one line too: inside them the loop already says so."""
-    try:
-        train(cfg)
-    except (RuntimeError, MemoryError) as error:
-        failure = describe_runtime_failure(error)
-        if failure is None:
-            raise
-        raise TrainingFailed(f"error: {failure[0]}", exit_code=failure[1]) from error
+    """Trains (:mod:`detr_deform.cli.train`, imported here: the configuration is composed and
+    checked, and ``--help`` answered, before torch and the models load)."""
+    from detr_deform.cli.train import train_reporting_failures as work
+
+    work(cfg)
 
 
 def main() -> None:
@@ -74,7 +67,9 @@ def main() -> None:
 def start(argv: list[str]) -> None:
     """A plain run is composed and validated once (a bad value is one line before anything is
     created), then trained; Hydra's flags go to Hydra's main."""
-    if hydra_mode(argv):
+    if list(argv) in ([flag] for flag in HELP_FLAGS):
+        print(usage_text())  # Hydra's own --help prints the same text, seconds later
+    elif hydra_mode(argv):
         run()
     else:
         train_reporting_failures(compose_config(argv))

@@ -37,6 +37,30 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> C
     return config_from_hydra(cfg)
 
 
+HELP_FLAGS = ("--help", "-h")
+
+
+def usage_text(config_dir: Path = CONFIG_DIR) -> str:
+    """``tools/train.py --help``: the template of ``hydra.help`` in configs/config.yaml filled in
+    exactly as Hydra fills it, without Hydra's composition of every option of every group (which
+    takes seconds: it copies the whole config repository once per group)."""
+    root = OmegaConf.load(config_dir / "config.yaml")
+    template = str(OmegaConf.select(root, "hydra.help.template"))
+    for name in ("header", "footer"):
+        template = template.replace(f"${{hydra.help.{name}}}", str(OmegaConf.select(root, f"hydra.help.{name}")))
+    return template.replace("$APP_CONFIG_GROUPS", _config_groups(config_dir))
+
+
+def _config_groups(config_dir: Path) -> str:
+    """Hydra's $APP_CONFIG_GROUPS: one ``group: option, option`` line per folder of configs/ (sorted)."""
+    lines = []
+    for folder in sorted(p for p in config_dir.rglob("*") if p.is_dir()):
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if options:
+            lines.append(f"{folder.relative_to(config_dir).as_posix()}: {', '.join(options)}")
+    return "\n".join(lines) + "\n"
+
+
 def hydra_mode(argv: Sequence[str]) -> bool:
     """Whether ``tools/train.py argv`` is for Hydra's own machinery (``--help``, ``--cfg job``,
     ``--multirun``, ``hydra.*`` overrides) rather than a plain run; any other flag (e.g.

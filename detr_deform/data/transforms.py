@@ -16,12 +16,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-# The official COCO recipe (the one place these numbers are written; DataConfig and Detector use them).
-OFFICIAL_TRAIN_SCALES = tuple(range(480, 801, 32))
-OFFICIAL_VAL_SIZE = 800       # shorter side in validation
-OFFICIAL_MAX_SIZE = 1333      # longer-side limit
-OFFICIAL_CROP_RESIZE_SIZES = (400, 500, 600)
-OFFICIAL_CROP_MIN, OFFICIAL_CROP_MAX = 384, 600
+from detr_deform.data.sizes import (  # noqa: F401  (their home for the users of the transforms)
+    OFFICIAL_CROP_MAX,
+    OFFICIAL_CROP_MIN,
+    OFFICIAL_CROP_RESIZE_SIZES,
+    OFFICIAL_MAX_SIZE,
+    OFFICIAL_TRAIN_SCALES,
+    OFFICIAL_VAL_SIZE,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

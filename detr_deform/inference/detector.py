@@ -30,6 +30,7 @@ from detr_deform.data.transforms import (
 )
 from detr_deform.data.visualization import MIN_SIDE, draw_detections
 from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, stored_score_threshold
+from detr_deform.inference.defaults import DEFAULT_BATCH_SIZE
 from detr_deform.inference.inputs import ImageLike, InputError, Inputs, image_inputs, tensor_to_pil
 from detr_deform.io.checkpoint import CheckpointError
 from detr_deform.loading.model import model_from_content, read_content
@@ -38,7 +39,6 @@ from detr_deform.models.config import ModelConfig
 from detr_deform.models.postprocess import PostProcess
 from detr_deform.utils.device import resolve_device
 
-DEFAULT_BATCH_SIZE = 8  # images per forward pass, for the Detector and tools/infer.py alike
 GROUP_WINDOW = 4        # batches of images loaded at a time, among which same-size images are batched together
 
 

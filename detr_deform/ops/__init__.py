@@ -10,10 +10,23 @@ traces through it) or to the pure-PyTorch reference in
 path). The CPU emulation of the CUDA kernels used by the tests is
 :mod:`detr_deform.ops.emulation`.
 """
-from detr_deform.ops._build import OpsBuildError
-from detr_deform.ops._library import compiled_op_available, load_compiled_op
-from detr_deform.ops.functional import Impl, ms_deform_attn
-from detr_deform.ops.reference import ms_deform_attn_pytorch
+from typing import TYPE_CHECKING
+
+from detr_deform.utils.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from detr_deform.ops._build import OpsBuildError
+    from detr_deform.ops._library import compiled_op_available, load_compiled_op
+    from detr_deform.ops.functional import Impl, ms_deform_attn
+    from detr_deform.ops.reference import ms_deform_attn_pytorch
+
+# Imported on first use (utils/lazy.py): `python -m detr_deform.ops --help` answers before torch loads.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "OpsBuildError": "detr_deform.ops._build",
+    "compiled_op_available": "detr_deform.ops._library", "load_compiled_op": "detr_deform.ops._library",
+    "Impl": "detr_deform.ops.functional", "ms_deform_attn": "detr_deform.ops.functional",
+    "ms_deform_attn_pytorch": "detr_deform.ops.reference",
+})
 
 __all__ = ["Impl", "ms_deform_attn", "ms_deform_attn_pytorch", "compiled_op_available", "load_compiled_op",
            "OpsBuildError"]

@@ -11,10 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from detr_deform.ops import _build
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detr_deform.ops", description=__doc__,
@@ -29,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     sub.add_parser("info", help="print where the sources and builds are, and which builds exist and work")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help and usage errors answer before torch loads
+
+    from detr_deform.ops import _build
 
     if args.command == "info":
         print(f"sources:        {_build.source_dir()}")

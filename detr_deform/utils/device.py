@@ -1,9 +1,12 @@
 """Which torch device a run or a tool uses."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from detr_deform.errors import DetrDeformError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DeviceError(DetrDeformError, ValueError):
@@ -14,6 +17,8 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "runtime.device
     """``auto`` (a GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or
     ``cuda:N``. ``option`` names the setting in error messages (``--device`` for
     the tools). Raises DeviceError with one line when the device is not there."""
+    import torch  # here, not above: the configuration schema (every --help) imports this module without torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):

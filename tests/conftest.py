@@ -80,7 +80,7 @@ SLOW_MODULES = {
 }
 # Modules that run a tool or a launcher in a new interpreter (some of their tests only).
 SUBPROCESS_MODULES = SLOW_MODULES - {"test_overfit"} | {
-    "test_convert", "test_dat", "test_ops_build", "test_video", "test_ms_deform_attn_sizes"}
+    "test_convert", "test_dat", "test_ops_build", "test_video", "test_ms_deform_attn_sizes", "test_tool_startup"}
 # Modules whose tests (those naming torchrun / DDP / ranks / nodes) form a torch.distributed group.
 DISTRIBUTED_MODULES = {"test_distributed_step", "test_loader_faults", "test_lost_work", "test_train_pipeline",
                        "test_training_faults"}

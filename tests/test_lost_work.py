@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +177,7 @@ def training_file(tmp_path_factory):
     """A checkpoint of ours with optimizer (AdamW moments), schedule, scaler, EMA, RNG and progress."""
     from detr_deform.engine.state import rng_state
 
+    torch.manual_seed(0)  # the same file in every run: the flips below land on the same bytes
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(3, 16)).sum().backward()
@@ -203,9 +206,9 @@ def test_flipped_bytes_in_the_optimizer_state_are_caught(training_file, tmp_path
 
 
 def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
-            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # NaN == NaN here
+    if isinstance(a, torch.Tensor):  # bytes compared (NaN == NaN here), whatever the strides
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -213,27 +216,37 @@ def _equal(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _flip_outcome(data: bytes, where: int, bit: int, target: Path, original) -> str:
+    flipped = bytearray(data)
+    flipped[where] ^= 1 << bit
+    target.write_bytes(bytes(flipped))
+    try:
+        content = read_checkpoint(target)
+    except CheckpointError:
+        return "refused"
+    return "harmless" if _equal(content, original) else f"byte {where} bit {bit}: read changed, without complaint"
+
+
 def test_one_flipped_byte_anywhere_is_caught_or_changes_nothing(training_file, tmp_path):
     """Every section (weights, optimizer, schedule, scaler, EMA, RNG, progress, config) is checksummed:
-    a flipped byte either makes the file refused or fell where nothing is read (zip padding, headers)."""
+    a flipped byte either makes the file refused or fell where nothing is read (zip padding, headers).
+    Every 12th byte of the pickle (the section names, the checksum record, the tensors' shapes and
+    strides) and 60 random bytes anywhere (the tensors' data). When this was written, every one of
+    the pickle's 11 136 bytes was flipped once (a random bit each): 10 807 refused, 329 harmless,
+    none changed unseen (docs/when_things_go_wrong.md)."""
     path, _ = training_file
     original = read_checkpoint(path)
     data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        member = next(info for info in archive.infolist() if info.filename.endswith("data.pkl"))
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)  # local header: 30 bytes
     rng = random.Random(0)
-    outcomes = {"refused": 0, "harmless": 0}
-    for trial in range(60):
-        flipped = bytearray(data)
-        flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        target = tmp_path / f"flip{trial}.pth"
-        target.write_bytes(bytes(flipped))
-        try:
-            content = read_checkpoint(target)
-        except CheckpointError:
-            outcomes["refused"] += 1
-            continue
-        assert _equal(content, original), f"trial {trial}: a changed checkpoint was read without complaint"
-        outcomes["harmless"] += 1
-    assert outcomes["refused"] > 0
+    places = [(where, rng.randrange(8)) for where in range(start, start + member.file_size, 12)]
+    places += [(rng.randrange(len(data)), rng.randrange(8)) for _ in range(60)]
+    outcomes = [_flip_outcome(data, where, bit, tmp_path / "flipped.pth", original) for where, bit in places]
+    unseen = [outcome for outcome in outcomes if outcome not in ("refused", "harmless")]
+    assert not unseen, unseen[:5]
+    assert outcomes.count("refused") > member.file_size // 24
 
 
 # ---------------------------------------------------------------- 4, 5, 8: resuming

@@ -31,11 +31,13 @@ def synthetic_batch():
 @pytest.mark.parametrize("variant", [{}, {"with_box_refine": True, "two_stage": True}], ids=["plain", "two_stage"])
 def test_tiny_model_overfits(variant):
     torch.manual_seed(0)
+    # The (randomly initialised) backbone stays frozen: its features already tell the colours apart,
+    # and training its 11 M parameters too took 3.5x as long (136 s vs 37 s for the same assertions).
     cfg = tiny_config(num_classes=3, num_queries=10, backbone_norm="gn", freeze_stem_and_layer1=False,
-                      num_feature_levels=3, **variant)
+                      num_feature_levels=3, train_backbone=False, **variant)
     model = build_model(cfg)
     criterion = build_criterion(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=4e-4, weight_decay=1e-4)
     images, targets = synthetic_batch()
 
     def weighted_loss():

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from detr_deform.errors import EXIT_STATUS_HELP
 
 # torch is imported inside the functions that use it: --help and argument errors answer before it loads.
-if TYPE_CHECKING:
-    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,49 +81,19 @@ def register_operator_flops() -> bool:
     return True
 
 
-def _images(batch: int, height: int, width: int, device) -> list[torch.Tensor]:
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(3, height, width, generator=generator).to(device) for _ in range(batch)]
-
-
-def _targets(batch: int, num_classes: int, device) -> list[dict]:
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    targets = []
-    for _ in range(batch):
-        count = 6
-        centres = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(1, num_classes, (count,), generator=generator).to(device),
-                        "boxes": torch.cat([centres, sizes], -1).to(device)})
-    return targets
-
-
-def _peak_memory_mib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def run_phase(args: argparse.Namespace) -> dict:
-    """One measurement, in this (fresh) process."""
+    """One measurement, in this (fresh) process (engine/measure.py: the batch, the timed step, memory)."""
     import torch
 
+    from detr_deform.engine.measure import peak_memory_mib, synthetic_batch, time_inference, time_training_step
     from detr_deform.engine.optim import build_optimizer
-    from detr_deform.engine.steps import train_step
     from detr_deform.models.build import build_criterion, build_model
-    from detr_deform.utils.timing import median_seconds
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.overrides, args.num_classes)
     device = torch.device(args.device)
-    baseline = _peak_memory_mib(device) if device.type == "cpu" else 0.0
+    baseline = peak_memory_mib(device) if device.type == "cpu" else 0.0
     model = build_model(cfg.model).to(device)
     kind, _, batch = args.phase.partition(":")
     batch = int(batch or 1)
@@ -142,35 +108,29 @@ def run_phase(args: argparse.Namespace) -> dict:
         model.eval()
         # The FLOP counter's module tracker trips over parameters that require grad inside no_grad.
         model.requires_grad_(False)
+        images, _ = synthetic_batch([0], args.height, args.width, cfg.model.num_classes, device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(_images(1, args.height, args.width, device))
+            model(images)
         return {"parameters": parameters, "trainable_parameters": trainable,
                 "gflops": counter.get_total_flops() / 1e9, "attention_flops_counted": counted,
                 "baseline_rss_mib": baseline}
     run_model = torch.compile(model, backend=cfg.runtime.compile_backend) if cfg.runtime.compile else model
+    images, targets = synthetic_batch([6] * batch, args.height, args.width, cfg.model.num_classes, device)
     if kind == "infer":
         model.eval()
-        images = _images(batch, args.height, args.width, device)
-
-        def step():
-            with torch.no_grad():
-                run_model(images)
-    else:
-        criterion = build_criterion(cfg.model).to(device)
-        optimizer = build_optimizer(model, cfg.optim)
-        images = _images(batch, args.height, args.width, device)
-        targets = _targets(batch, cfg.model.num_classes, device)
-        model.train()
-
-        def step():
-            train_step(run_model, criterion, images, targets, optimizer, cfg.optim.clip_max_norm, cfg.runtime.amp)
-
-    first = median_seconds(step, device, repeat=1, warmup=0)  # with runtime.compile: includes compilation
-    seconds = median_seconds(step, device, args.repeat, args.warmup)
-    if kind == "infer":
+        first = time_inference(run_model, images, device, repeat=1, warmup=0)  # with compile: includes compiling
+        seconds = time_inference(run_model, images, device, repeat=args.repeat, warmup=args.warmup)
         return {"batch": batch, "latency_ms": seconds * 1000, "images_per_s": batch / seconds, "first_call_s": first,
-                "peak_memory_mib": _peak_memory_mib(device)}
-    return {"batch": batch, "step_s": seconds, "first_call_s": first, "peak_memory_mib": _peak_memory_mib(device)}
+                "peak_memory_mib": peak_memory_mib(device)}
+    criterion = build_criterion(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    model.train()
+    timing = dict(clip_max_norm=cfg.optim.clip_max_norm, amp=cfg.runtime.amp)
+    first, _ = time_training_step(run_model, criterion, optimizer, images, targets, device, repeat=1, warmup=0,
+                                  **timing)
+    seconds, _ = time_training_step(run_model, criterion, optimizer, images, targets, device, repeat=args.repeat,
+                                    warmup=args.warmup, **timing)
+    return {"batch": batch, "step_s": seconds, "first_call_s": first, "peak_memory_mib": peak_memory_mib(device)}
 
 
 def measure(args: argparse.Namespace, phase: str) -> dict:

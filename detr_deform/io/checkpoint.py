@@ -17,6 +17,7 @@ import argparse
 import collections
 import errno
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -74,6 +75,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             f"{file}: not a readable PyTorch checkpoint (truncated or corrupted?): {type(error).__name__}: "
             f"{_first_line(error)}"
         ) from error
+    if not isinstance(content, dict):  # ours, official and state dicts alike are dicts (also: a damaged pickle)
+        raise CheckpointError(f"{file}: holds a {type(content).__name__}, not a checkpoint (a dict of sections or "
+                              f"a state dict); if it was one, the file was damaged: use a copy of it")
     _verify_checksum(content, file)
     return content
 
@@ -130,7 +134,12 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-CHECKSUMS = "checksums"  # {section: SHA-256} of every other top-level entry of our files
+CHECKSUMS = "checksums"  # the checksum record: a SHA-256 of every other top-level entry of our files
+# The record is one string (this prefix + JSON {section: SHA-256}), not a dict: pickle writes a string
+# once and refers to it after, so the keys of a dict record would be the very bytes of the section
+# names, and one flipped byte in a name would rename the section and its checksum together, unseen.
+# In one string the names are stored twice; the prefix also finds a record whose key was damaged.
+RECORD_PREFIX = "detr_deform checksums v2 (SHA-256 of each section): "
 
 
 def content_checksums(content: dict[str, Any]) -> dict[str, str]:
@@ -138,13 +147,13 @@ def content_checksums(content: dict[str, Any]) -> dict[str, str]:
     lr_scheduler, scaler, ema, rng, progress, config, ...): one pass over the values,
     each tensor hashed from its own memory (no serialised second copy)."""
     sums = {}
-    for key in sorted(content):
+    for key in content:
         if key in (CHECKSUMS, "weights_sha256"):
             continue
         digest = hashlib.sha256()
         _feed(digest, content[key])
-        sums[key] = digest.hexdigest()
-    return sums
+        sums[key if isinstance(key, str) else repr(key)] = digest.hexdigest()  # only a damaged file has others
+    return dict(sorted(sums.items()))
 
 
 def _feed(digest: hashlib._Hash, value: Any) -> None:
@@ -172,16 +181,46 @@ def _feed(digest: hashlib._Hash, value: Any) -> None:
         digest.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
 
 
+def checksum_record(content: dict[str, Any]) -> str:
+    """The ``checksums`` entry written into our files (see RECORD_PREFIX)."""
+    return RECORD_PREFIX + json.dumps(content_checksums(content), sort_keys=True)
+
+
+def _stored_checksums(content: dict[str, Any], file: Path) -> dict[str, str] | None:
+    """The {section: SHA-256} stored in ``content``, None for a file written without one."""
+    record = content.get(CHECKSUMS)
+    if isinstance(record, dict):  # files written before the record became one string (2026-12-03)
+        return record
+    if record is None:
+        renamed = [k for k, v in content.items() if isinstance(v, str) and v.startswith(RECORD_PREFIX)]
+        if not renamed:
+            return None
+        damaged = f"its checksum record is stored under a damaged name ({renamed[0]!r})"
+    else:
+        try:
+            if isinstance(record, str) and record.startswith(RECORD_PREFIX):
+                sums = json.loads(record[len(RECORD_PREFIX):])
+                if isinstance(sums, dict):
+                    return sums
+        except ValueError:
+            pass
+        damaged = "its checksum record is unreadable"
+    raise CheckpointError(f"{file}: {damaged}: the file was damaged after it was written (disk, copy or "
+                          f"transfer). Use a copy of it, or the run's other checkpoint (checkpoint_last.pth / "
+                          f"checkpoint_best.pth)")
+
+
 def _verify_checksum(content: Any, file: Path) -> None:
-    """Our files: every section against ``checksums`` (older ones: the weights against
-    ``weights_sha256``); files without either load as they are."""
-    if not (isinstance(content, dict) and content.get("format") == FORMAT):
+    """Every section against the checksum record, whenever there is one (also when the format
+    field itself was damaged); older files of ours: the weights against ``weights_sha256``;
+    files without either (official, written before checksums existed) load as they are."""
+    if not isinstance(content, dict):
         return
-    stored = content.get(CHECKSUMS)
-    if isinstance(stored, dict):
+    stored = _stored_checksums(content, file)
+    if stored is not None:
         actual = content_checksums(content)
         bad = sorted(k for k in actual.keys() | stored.keys() if actual.get(k) != stored.get(k))
-    elif "weights_sha256" in content:
+    elif content.get("format") == FORMAT and "weights_sha256" in content:
         model = content.get("model")
         bad = [] if isinstance(model, dict) and weights_checksum(model) == content["weights_sha256"] else ["model"]
     else:
@@ -202,7 +241,7 @@ def write_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
     path = Path(path)
     if content.get("format") == FORMAT:
         content = {k: v for k, v in content.items() if k != "weights_sha256"}
-        content[CHECKSUMS] = content_checksums(content)
+        content[CHECKSUMS] = checksum_record(content)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as raw:
             handle = _ErrorRecorder(raw)

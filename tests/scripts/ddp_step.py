@@ -13,73 +13,18 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detr_deform import build_criterion, build_model  # noqa: E402
-from detr_deform.config import OptimConfig  # noqa: E402
-from detr_deform.engine.optim import build_optimizer  # noqa: E402
+from detr_deform.engine.ddp_check import fresh, max_diff, step_agreement  # noqa: E402
+from detr_deform.engine.measure import synthetic_batch  # noqa: E402
 from detr_deform.engine.steps import accumulated_step, train_step  # noqa: E402
 from detr_deform.utils import distributed  # noqa: E402
 
 from model_helpers import tiny_config  # noqa: E402
 
+SIZE = 64  # images of SIZE x SIZE: the gradient bound's n is images x (SIZE / 4)^2 (engine/ddp_check.py)
+
 
 def make_batch(counts=(2, 1, 3, 0)):
-    g = torch.Generator().manual_seed(7)
-    images = [torch.randn(3, 64, 64, generator=g) for _ in counts]
-    targets = []
-    for count in counts:
-        centres = torch.rand(count, 2, generator=g) * 0.5 + 0.25
-        sizes = torch.rand(count, 2, generator=g) * 0.2 + 0.1
-        targets.append({"labels": torch.randint(0, 5, (count,), generator=g), "boxes": torch.cat([centres, sizes], -1)})
-    return images, targets
-
-
-LR = 1e-3
-
-
-def fresh(cfg):
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    optim_cfg = OptimConfig(lr=LR, lr_backbone=LR, clip_max_norm=0.1)
-    return model, build_criterion(cfg), build_optimizer(model, optim_cfg)
-
-
-def max_diff(a, b) -> float:
-    return max((p - b.state_dict()[name]).abs().max().item() for name, p in a.state_dict().items()
-               if p.is_floating_point())
-
-
-UNIT = 2.0 ** -24  # float32 unit roundoff
-
-
-def step_agreement(a, b, optimizer, eps: float = 1e-8) -> dict[str, float]:
-    """How far two models after one AdamW step from the same weights are apart, in units that the
-    tolerances of tests/test_distributed_step.py are derived in.
-
-    - ``grad_ulps``: max over tensors of max|g_a - g_b| / (u * max|g_b|): the gradients' disagreement
-      relative to each tensor's largest gradient, u = 2^-24.
-    - ``weight_excess_ulps``: what of the weights' difference the gradients' difference does not
-      explain. The first AdamW step moves a weight by lr * g / (|g| + eps) (bias-corrected moments),
-      so a gradient that differs by rounding moves its weight by lr * |d(g / (|g| + eps))| — up to
-      lr * |dg| / eps for a gradient near 0, far more than a float32 ulp of the weight. That part is
-      computed exactly (float64) from both runs' gradients; the rest may only be the rounding of the
-      update itself, counted in units of u * (|w| + lr) per element.
-    """
-    grad_ulps = excess = 0.0
-    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    b_params = dict(b.named_parameters())
-    for name, p in a.named_parameters():
-        q = b_params[name]
-        if p.grad is None:
-            continue
-        lr = lr_of[id(p)]  # the sampling offsets and reference points train at 0.1 x lr
-        scale = q.grad.abs().max().item()
-        if scale > 0:
-            grad_ulps = max(grad_ulps, (p.grad - q.grad).abs().max().item() / (UNIT * scale))
-        g_a, g_b = p.grad.double(), q.grad.double()
-        explained = lr * (g_a / (g_a.abs() + eps) - g_b / (g_b.abs() + eps)).abs()
-        rest = ((p.detach().double() - q.detach().double()).abs() - explained).clamp_min(0)
-        excess = max(excess, (rest / (UNIT * (q.detach().double().abs() + lr))).max().item())
-    return {"grad_ulps": grad_ulps, "weight_excess_ulps": excess}
+    return synthetic_batch(counts, SIZE, SIZE, num_classes=5, seed=7)
 
 
 def main(out_path: str) -> None:

@@ -138,10 +138,12 @@ def test_damaged_trackers_file_starts_new_tracker_runs_with_a_warning(tmp_path, 
 
 def test_runtime_compile_trains_and_evaluates_like_eager_through_train_py(trained_run, tiny_demo_root, tmp_path):
     """runtime.compile=true through tools/train.py (build_training wraps the train and eval models):
-    the same losses step by step and the same AP as the eager run of the same seed (aot_eager
-    backend, for the reason given above)."""
+    the same losses step by step and the same AP as the eager run of the same seed. Backend eager
+    (Dynamo's graph capture, the part that decides what gets compiled): aot_eager, which also traces
+    the backward, took over 300 s for these 6 steps and 2 evaluations on 2 cores (eager: ~105 s);
+    the test above checks aot_eager's forward and backward against eager in-process."""
     out = tmp_path / "compiled"
-    done = train(*tiny_train_args(tiny_demo_root, out, "runtime.compile=true", "runtime.compile_backend=aot_eager",
+    done = train(*tiny_train_args(tiny_demo_root, out, "runtime.compile=true", "runtime.compile_backend=eager",
                                   batch_size=3))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -19,7 +19,6 @@ from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine.steps import evaluate
-from detr_deform.evaluation.coco_eval import format_metrics_table
 from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold, stored_score_threshold
 from detr_deform.inference.detector import category_names_of
 from detr_deform.loading.model import NonFiniteWeightsWarning, model_from_content, nonfinite_tensors, read_content
@@ -99,12 +98,12 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                         num_workers=args.num_workers)
     bar = tqdm(total=len(sampler), desc="evaluating") if dist_info.is_main and sys.stderr.isatty() else None
-    metrics, detections, _ = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
+    metrics, detections, table = evaluate(model, build_postprocessor(cfg), loader, dataset.coco, dist_info.device,
                                       progress=bar.update if bar is not None else None, coco_eval=args.coco_eval)
     if not dist_info.is_main:
         return
     print(f"{args.checkpoint} on {annotations} ({len(dataset)} images, top-{cfg.num_select}):")
-    print(format_metrics_table(metrics))
+    print(table)
     calibration = best_f1_threshold(dataset.coco.dataset.get("annotations", []), detections, dataset.coco.getImgIds())
     print(threshold_report(calibration, stored_threshold))
     if broken:

@@ -27,6 +27,8 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     # the F1-maximising score threshold of the last evaluation (ScoreThreshold.to_dict(), with its step)
     score_threshold: dict[str, Any] | None = None
+    # the evaluator's summary table of the last evaluation this process ran (not stored in checkpoints)
+    metrics_table: str = ""
 
     @property
     def next_epoch(self) -> int:

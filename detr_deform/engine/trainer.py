@@ -37,7 +37,6 @@ from detr_deform.engine.run_dir import RunLock
 from detr_deform.engine.run_logger import RunLogger, log_prediction_images
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
-from detr_deform.evaluation.coco_eval import format_metrics_table
 from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
 from detr_deform.loading.model import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
@@ -165,8 +164,8 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
                            epoch: int, run: ResolvedRun, cfg: Config, ctx: LoopContext) -> None:
     """COCO evaluation (of the EMA weights when EMA is on); a new best AP writes checkpoint_best.pth."""
     eval_model = parts.eval_model
-    metrics, detections, _ = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco, ctx.device,
-                                      cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
+    metrics, detections, state.metrics_table = evaluate(eval_model, parts.postprocessor, loaders.val, val_set.coco,
+                                                        ctx.device, cfg.runtime.amp, coco_eval=cfg.runtime.coco_eval)
     state.metrics = metrics
     ctx.logger.record("val", state.step, {"epoch": epoch, **metrics}, tb_prefix="val")
     ctx.logger.console(f"epoch {epoch}: AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} "
@@ -268,6 +267,10 @@ def _log_epoch(logger: RunLogger, state: TrainState, epoch: int, result: EpochRe
 def _finish(run: ResolvedRun, state: TrainState, logger: RunLogger, is_main: bool) -> dict[str, float]:
     if is_main and state.metrics:
         write_text(run.run_dir / "metrics.json", json.dumps(state.metrics, indent=2))
-        logger.console("final validation metrics (COCO bbox):\n" + format_metrics_table(state.metrics))
+        if state.metrics_table:
+            logger.console("final validation metrics (COCO bbox):\n" + state.metrics_table)
+        else:  # resumed after the last evaluation: its metrics come from the checkpoint, without the table
+            logger.console(f"final validation metrics (COCO bbox, from the checkpoint): AP {state.metrics['AP']:.3f} "
+                           f"AP50 {state.metrics['AP50']:.3f} AP75 {state.metrics['AP75']:.3f}; all in metrics.json")
     logger.close()
     return state.metrics if is_main else {}

@@ -12,22 +12,6 @@ from pycocotools.cocoeval import COCOeval
 from detr_deform.utils.distributed import all_gather_object, world_size
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-METRIC_DESCRIPTIONS = [
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
-]
-
-
 def detections_to_coco(image_ids: list[int], results: list[dict]) -> tuple[list[dict], int]:
     """Post-processed detections (xyxy, absolute) -> COCO results entries (xywh),
     and the number left out because a box or score is NaN/inf (pycocotools would
@@ -62,9 +46,10 @@ def gather_detections(entries: list[dict], image_ids: list[int]) -> tuple[list[d
 
 def evaluate_coco(coco_gt, entries: list[dict], image_ids: list[int],
                   backend: str = "pycocotools") -> tuple[dict[str, float], str]:
-    """COCO bbox evaluation restricted to ``image_ids``: the 12 metrics and the
-    printed table. ``backend``: pycocotools (the reference) or faster
-    (faster-coco-eval, the same metrics computed in C++; an optional extra)."""
+    """COCO bbox evaluation restricted to ``image_ids``: the 12 metrics and the evaluator's own
+    summary table (its 12 lines as it printed them, without its progress and timing lines).
+    ``backend``: pycocotools (the reference) or faster (faster-coco-eval, the same metrics
+    computed in C++; an optional extra)."""
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         if backend == "faster":
@@ -78,7 +63,8 @@ def evaluate_coco(coco_gt, entries: list[dict], image_ids: list[int],
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats if evaluator.stats is not None else np.full(12, -1.0)
-    return {name: float(value) for name, value in zip(METRIC_NAMES, stats[:12])}, buffer.getvalue()
+    table = "\n".join(line for line in buffer.getvalue().splitlines() if line.startswith(" Average "))
+    return {name: float(value) for name, value in zip(METRIC_NAMES, stats[:12])}, table
 
 
 def _faster_evaluator(coco_gt, entries: list[dict]):
@@ -98,5 +84,3 @@ def _empty_results(coco_gt):
     return empty
 
 
-def format_metrics_table(metrics: dict[str, float]) -> str:
-    return "\n".join(f" {desc} = {metrics[name]:.3f}" for name, desc in zip(METRIC_NAMES, METRIC_DESCRIPTIONS))

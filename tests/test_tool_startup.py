@@ -56,3 +56,14 @@ def test_argument_errors_do_not_import_torch(tool):
 
 def test_the_operator_command_answers_help_without_torch():
     assert probe("-mdetr_deform.ops", "--help") == (0, "-")
+
+
+def test_train_help_is_the_text_hydra_prints():
+    """tools/train.py --help fills configs/config.yaml's help template itself (Hydra's own --help takes
+    seconds composing every group); a hydra.* override sends --help through Hydra: the same bytes."""
+    ours = subprocess.run([sys.executable, "tools/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    hydra = subprocess.run([sys.executable, "tools/train.py", "--help", "hydra.verbose=false"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert ours.returncode == hydra.returncode == 0, ours.stderr + hydra.stderr
+    assert ours.stdout == hydra.stdout and "Config groups" in ours.stdout and "experiment: " in ours.stdout

@@ -500,15 +500,3 @@ def _checks() -> dict[str, Callable[[], str]]:
 
 
 CHECKS = _checks()
-
-
-def run_all(names: list[str] | None = None) -> list[tuple[str, bool, str]]:
-    """Runs the named checks (default: all); returns (name, passed, note or error) per check."""
-    results = []
-    for name in names or list(CHECKS):
-        try:
-            results.append((name, True, CHECKS[name]()))
-        except AssertionError as error:
-            results.append((name, False, str(error).splitlines()[0] if str(error) else "assertion failed"))
-    return results
-

@@ -110,6 +110,10 @@ class OptimConfig:
     lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone.0"])
     lr_linear_proj_names: list[str] = field(default_factory=lambda: ["reference_points", "sampling_offsets"])
     lr_linear_proj_mult: float = bounded(0.1, ge=0)
+    # Parameter groups (DINO's names): ddetr_in_mmdet = backbone / linear_proj x lr_linear_proj_mult / rest
+    # (Deformable DETR's three groups); default = backbone / rest (DINO's recipe); large_wd = default, with
+    # weight decay 0 on norms and biases.
+    param_dict_type: str = choice(("ddetr_in_mmdet", "default", "large_wd"), default="ddetr_in_mmdet")
     weight_decay: float = bounded(1e-4, ge=0)
     batch_size: int = bounded(2, ge=1)       # per process (GPU)
     accumulate_steps: int = bounded(1, ge=1)  # micro-batches per optimizer step (effective batch x K)

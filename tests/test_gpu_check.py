@@ -81,6 +81,7 @@ def test_dry_run_of_the_gpu_parts_on_cpu(dry_run):
                      ("op_bench", "encoder/bfloat16"), ("op_bench", "targets"), ("ddp", "ddp_step"),
                      ("model_bench", "r50_two_stage/train/fp16/b2"), ("model_bench", "r50_two_stage/train/bf16/b2"),
                      ("model_bench", "dat_tiny/train/off/b2"), ("model_bench", "r50/infer/bf16/b2"),
+                     ("model_bench", "dino_r50/train/off/b2"),
                      ("model_bench", "targets"), ("train_demo", "loss_falls"),
                      ("compile", "inference"), ("compile", "training_step")]:
         assert expected in names, expected

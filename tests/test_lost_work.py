@@ -29,17 +29,24 @@ from model_helpers import tiny_config
 from pipeline_helpers import PYTHON, ROOT, run, tiny_train_args, train
 
 # A process that takes a run directory's lock, optionally forks a child that keeps running
-# (as a DataLoader worker does), says so, then waits for its standard input to close.
+# (as a DataLoader worker does), waits until that child is running, says so, then waits for
+# its standard input to close.
 HOLDER = """
 import os, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from detr_deform.engine.run_dir import lock_run_dir
 lock = lock_run_dir(Path({path!r}), "test")
+ready_r, ready_w = os.pipe()
 child = os.fork() if {fork} else 1
 if child == 0:
+    # os.fork() returns here only after the fork hooks ran (the lock's fd is closed):
+    # say so, so that the test never kills the holder before the child let go.
+    os.write(ready_w, b"1")
     sys.stdin.read()
     os._exit(0)
+if child != 1:
+    os.read(ready_r, 1)
 print("locked", child, flush=True)
 sys.stdin.read()
 """

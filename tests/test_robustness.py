@@ -382,7 +382,7 @@ def test_resume_with_another_model_is_one_line_and_keeps_the_run_files(trained_r
 @pytest.mark.parametrize("override, message", [
     ("optim.scheduler=cosine", "the run used the per-epoch StepLR but optim.scheduler/optim.warmup_steps now ask"),
     ("optim.warmup_steps=5", "the learning-rate curve cannot continue"),
-    ("model.train_backbone=false", "but the configured model trains"),
+    ("model.train_backbone=true", "but the configured model trains"),
 ])
 def test_resume_with_another_optimizer_or_schedule_is_one_line(trained_run, tiny_demo_root, tmp_path, override,
                                                                message):

@@ -84,12 +84,15 @@ def test_compiled_model_trains_and_predicts_like_eager():
     forward and backward through the registered operator the way inductor does, without the C++
     code generation that takes minutes on 2 cores; inductor speed: docs/benchmarks.md)."""
     torch.manual_seed(0)
-    cfg = tiny_config(with_box_refine=True, two_stage=True, attn_impl="cpp")
+    # One encoder and one decoder layer: every kind of module once, half the graph to trace.
+    cfg = tiny_config(with_box_refine=True, two_stage=True, attn_impl="cpp", enc_layers=1, dec_layers=1)
     eager = build_model(cfg)
     compiled_source = copy.deepcopy(eager)
     compiled = torch.compile(compiled_source, backend="aot_eager")
     criterion = build_criterion(cfg)
     g = torch.Generator().manual_seed(1)
+    # One padded size for every batch: one graph to trace (a new size retraces with dynamic shapes, which
+    # the train.py test below covers with the eager backend).
     batches = [([torch.randn(3, 64, 80, generator=g), torch.randn(3, 72, 64, generator=g)], random_targets([2, 3]))
                for _ in range(3)]
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.01)
@@ -143,8 +146,9 @@ def test_runtime_compile_trains_and_evaluates_like_eager_through_train_py(traine
     the backward, took over 300 s for these 6 steps and 2 evaluations on 2 cores (eager: ~105 s);
     the test above checks aot_eager's forward and backward against eager in-process."""
     out = tmp_path / "compiled"
+    # The first epoch of the shared run (same seed: same data order, same steps; the lr drop is later).
     done = train(*tiny_train_args(tiny_demo_root, out, "runtime.compile=true", "runtime.compile_backend=eager",
-                                  batch_size=3))
+                                  "optim.epochs=1", batch_size=3))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def entries(run_dir):
@@ -152,9 +156,10 @@ def test_runtime_compile_trains_and_evaluates_like_eager_through_train_py(traine
         return [e for e in log if e["type"] == "train"], [e for e in log if e["type"] == "val"]
 
     (eager_train, eager_val), (compiled_train, compiled_val) = entries(trained_run[0]), entries(out)
-    assert [e["step"] for e in compiled_train] == [e["step"] for e in eager_train] and len(eager_train) == 6
+    eager_train, eager_val = eager_train[:3], eager_val[:1]
+    assert [e["step"] for e in compiled_train] == [e["step"] for e in eager_train] and len(eager_train) == 3
     for a, b in zip(eager_train, compiled_train):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
-    assert len(compiled_val) == len(eager_val) == 2
+    assert len(compiled_val) == len(eager_val) == 1
     for a, b in zip(eager_val, compiled_val):
         assert b["AP"] == pytest.approx(a["AP"], abs=1e-3), (a, b)

@@ -18,7 +18,7 @@ from detr_deform.evaluation.score_threshold import stored_score_threshold
 from detr_deform.io.checkpoint import CheckpointError, write_checkpoint
 from detr_deform.loading.hf import save_hf
 from detr_deform.loading.model import model_from_content, read_content, save_checkpoint
-from detr_deform.models.config import ModelConfig
+from detr_deform.models.config import DINO_FIXED_ARGS, ModelConfig
 from detr_deform.utils.files import refuse_outputs_onto_inputs
 
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what save_hf writes into DST
@@ -65,7 +65,20 @@ def official_args_from(cfg: ModelConfig) -> argparse.Namespace:
                               exit_code=EXIT_FAILED)
     values = {**OFFICIAL_DEFAULTS, **{name: getattr(cfg, name) for name in OFFICIAL_FIELDS}}
     values["lr_backbone"] = OFFICIAL_DEFAULTS["lr_backbone"] if cfg.train_backbone else 0.0
+    if cfg.arch == "dino":  # the original DINO's args (IDEA-Research/DINO), read back by ModelConfig
+        values.update(DINO_FIXED_ARGS, modelname="dino", num_classes=cfg.num_classes, num_select=cfg.num_select,
+                      return_interm_indices=cfg.backbone_out_indices or [1, 2, 3],
+                      **{name: getattr(cfg, name) for name in DINO_FIELDS},
+                      dn_labelbook_size=cfg.dn_labelbook_size or cfg.num_classes,
+                      pe_temperatureH=cfg.pe_temperature[0], pe_temperatureW=cfg.pe_temperature[1])
+        for name in ("with_box_refine", "two_stage"):
+            values.pop(name)
     return argparse.Namespace(**values)
+
+
+# ModelConfig fields that are DINO arguments of the same name.
+DINO_FIELDS = ("use_dn", "dn_number", "dn_label_noise_ratio", "dn_box_noise_scale", "interm_loss_coef",
+               "no_interm_box_loss", "use_detached_boxes_dec_out")
 
 
 def write_official(path: Path, model: torch.nn.Module, cfg: ModelConfig, category_names: dict | None) -> Path:
@@ -104,7 +117,8 @@ def convert(args: argparse.Namespace) -> int:
         if threshold is not None:  # the calibrated threshold of these weights travels with them
             extra["score_threshold"] = {"threshold": threshold}
         save_checkpoint(args.dst, model, config, **extra)
-    variant = "two-stage" if cfg.two_stage else "box refinement" if cfg.with_box_refine else "plain"
+    variant = ("DINO" if cfg.arch == "dino" else "two-stage" if cfg.two_stage else
+               "box refinement" if cfg.with_box_refine else "plain")
     print(f"wrote {args.dst} ({args.to}: {cfg.backbone}, {variant}, {cfg.num_feature_levels} feature level(s), "
           f"{cfg.num_classes} classes) from {args.src}")
     return 0

@@ -160,9 +160,10 @@ def _check_training_state_fits(content: dict[str, Any], parts: TrainingParts, pa
     theirs = [len(g["params"]) for g in groups]
     if ours != theirs:
         raise CheckpointError(
-            f"runtime.resume={path}: the optimizer state trains {theirs} parameters per group (default, "
-            f"backbone, linear_proj) but the configured model trains {ours} (model.train_backbone or the "
-            f"frozen layers differ from the run's). {hint}")
+            f"runtime.resume={path}: the optimizer state trains {theirs} parameters per group "
+            f"({', '.join(str(g.get('name')) for g in parts.optimizer.param_groups)}) but the configured model "
+            f"trains {ours} (model.train_backbone, the frozen layers or optim.param_dict_type differ from the "
+            f"run's). {hint}")
     saved_per_step = isinstance(content.get("lr_scheduler"), dict) and "lr_lambdas" in content["lr_scheduler"]
     if saved_per_step != parts.scheduler.per_step:
         kinds = {True: "a per-step schedule (multistep, cosine or warm-up)", False: "the per-epoch StepLR"}

@@ -234,6 +234,10 @@ def _log_step(logger: RunLogger, optimizer: torch.optim.Optimizer, step: int, ep
               **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
     logger.record("train", step, values, tb_prefix="train")
     if console:
+        # DINO: also its denoising and interm (selected encoder tokens) terms of the final layer.
+        extra = "".join(f" {name} {losses[f'loss_ce_{name}']:.3f}/{losses[f'loss_bbox_{name}']:.3f}/"
+                        f"{losses[f'loss_giou_{name}']:.3f}" for name in ("dn", "interm")
+                        if f"loss_ce_{name}" in losses)
         logger.console(f"epoch {epoch} step {batch_index + 1}/{steps_per_epoch} loss {total:.4f} "
                        f"(ce {losses['loss_ce']:.3f} bbox {losses['loss_bbox']:.3f} "
-                       f"giou {losses['loss_giou']:.3f}) lr {optimizer.param_groups[0]['lr']:.2e}")
+                       f"giou {losses['loss_giou']:.3f}{extra}) lr {optimizer.param_groups[0]['lr']:.2e}")

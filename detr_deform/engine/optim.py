@@ -16,25 +16,36 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
 
 
 def build_param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_backbone_names: Sequence[str],
-                       lr_linear_proj_names: Sequence[str], lr_linear_proj_mult: float) -> list[dict]:
-    """Backbone parameters (name contains one of ``lr_backbone_names``) get
-    ``lr_backbone``; sampling offsets / reference points (substring match on
-    ``lr_linear_proj_names``) get ``lr * lr_linear_proj_mult``; the rest ``lr``."""
-    groups = {"default": [], "backbone": [], "linear_proj": []}
+                       lr_linear_proj_names: Sequence[str], lr_linear_proj_mult: float,
+                       param_dict_type: str = "ddetr_in_mmdet") -> list[dict]:
+    """``ddetr_in_mmdet`` (Deformable DETR's groups): backbone parameters (name contains
+    one of ``lr_backbone_names``) get ``lr_backbone``; sampling offsets / reference points
+    (substring match on ``lr_linear_proj_names``) get ``lr * lr_linear_proj_mult``; the
+    rest ``lr``. ``default`` (DINO's): backbone and rest only. ``large_wd``: ``default``
+    with the norm and bias parameters in their own groups at weight decay 0."""
+    if param_dict_type not in ("ddetr_in_mmdet", "default", "large_wd"):
+        raise ValueError(f"optim.param_dict_type must be ddetr_in_mmdet, default or large_wd, not {param_dict_type!r}")
+    groups = {"default": [], "backbone": [], "linear_proj": [], "default_no_wd": [], "backbone_no_wd": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if _matches(name, lr_backbone_names):
-            groups["backbone"].append(parameter)
-        elif _matches(name, lr_linear_proj_names):
-            groups["linear_proj"].append(parameter)
+        backbone = _matches(name, lr_backbone_names)
+        if param_dict_type == "ddetr_in_mmdet" and not backbone and _matches(name, lr_linear_proj_names):
+            kind = "linear_proj"
         else:
-            groups["default"].append(parameter)
-    return [
-        {"params": groups["default"], "lr": lr, "name": "default"},
-        {"params": groups["backbone"], "lr": lr_backbone, "name": "backbone"},
-        {"params": groups["linear_proj"], "lr": lr * lr_linear_proj_mult, "name": "linear_proj"},
-    ]
+            kind = "backbone" if backbone else "default"
+            if param_dict_type == "large_wd" and ("norm" in name or "bias" in name):
+                kind += "_no_wd"
+        groups[kind].append(parameter)
+    result = [{"params": groups["default"], "lr": lr, "name": "default"},
+              {"params": groups["backbone"], "lr": lr_backbone, "name": "backbone"}]
+    if param_dict_type == "ddetr_in_mmdet":
+        result.append({"params": groups["linear_proj"], "lr": lr * lr_linear_proj_mult, "name": "linear_proj"})
+    if param_dict_type == "large_wd":
+        result += [{"params": groups["default_no_wd"], "lr": lr, "weight_decay": 0.0, "name": "default_no_wd"},
+                   {"params": groups["backbone_no_wd"], "lr": lr_backbone, "weight_decay": 0.0,
+                    "name": "backbone_no_wd"}]
+    return result
 
 
 def build_optimizer(model: nn.Module, optim_cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -42,7 +53,7 @@ def build_optimizer(model: nn.Module, optim_cfg, lr_scale: float = 1.0) -> torch
     learning rate (``optim.auto_scale_lr``, see ``lr_scale_for``)."""
     groups = build_param_groups(model, optim_cfg.lr * lr_scale, optim_cfg.lr_backbone * lr_scale,
                                 optim_cfg.lr_backbone_names, optim_cfg.lr_linear_proj_names,
-                                optim_cfg.lr_linear_proj_mult)
+                                optim_cfg.lr_linear_proj_mult, optim_cfg.param_dict_type)
     # The fused kernel (CPU and CUDA) is the same update as the loop, several times faster on CPU.
     devices = {p.device.type for g in groups for p in g["params"]}
     fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])

@@ -84,6 +84,12 @@ def _num_classes(model: ModelConfig, dataset: CocoDetection) -> int:
             f"{from_data - 1}, i.e. num_classes={from_data} (max id + 1); remove model.num_classes to use the "
             f"dataset's value"
         )
+    if model.arch == "dino" and model.dn_labelbook_size is not None and model.dn_labelbook_size < from_data:
+        # DINO's noisy labels index the label embedding (the original fails with a CUDA index assertion).
+        raise ConfigError(
+            f"model.dn_labelbook_size={model.dn_labelbook_size} is smaller than the num_classes={from_data} of "
+            f"{dataset.annotation_file} (max category id + 1): set model.dn_labelbook_size>={from_data}, or null to "
+            f"follow the dataset")
     return from_data
 
 

@@ -60,7 +60,7 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast_context(device, amp):
-                outputs = model(images)
+                outputs = forward(model, images, targets)
             try:
                 loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
                 total = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
@@ -94,6 +94,13 @@ def accumulated_step(model: nn.Module, criterion: nn.Module, micro_batches: Sequ
     else:
         optimizer.step()
     return values, total_value, grad_norm
+
+
+def forward(model: nn.Module, images: list[torch.Tensor], targets: list[dict]):
+    """The training forward: DINO (``takes_targets``) also receives the targets, for
+    its denoising queries; Deformable DETR only the images."""
+    module = getattr(model, "module", model)  # under DDP
+    return model(images, targets) if getattr(module, "takes_targets", False) else model(images)
 
 
 def _nan_through(outputs) -> torch.Tensor:

@@ -182,15 +182,17 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
 
 def _refuse_too_few_proposals(model: torch.nn.Module, cfg: Config, train_set: CocoDetection,
                               val_set: CocoDetection) -> None:
-    """Two-stage: every input the data sizes give must have num_queries encoder tokens (before the first step)."""
-    if not model.two_stage:
+    """Two-stage and DINO: every input the data sizes give must have num_queries encoder tokens (before the
+    first step)."""
+    if not model.selects_encoder_tokens:
         return
     def sizes(dataset: CocoDetection) -> list[tuple[int, int]]:
         infos = (dataset.coco.imgs[i] for i in dataset.ids)
         return [(info["height"], info["width"]) for info in infos if "height" in info and "width" in info]
     refuse_too_few_tokens(model.num_queries, model.backbone.strides, model.num_feature_levels,
                           {"training": (sizes(train_set), min(cfg.data.train_scales)),
-                           "validation": (sizes(val_set), cfg.data.val_size)}, cfg.data.max_size)
+                           "validation": (sizes(val_set), cfg.data.val_size)}, cfg.data.max_size,
+                          what="model.arch=dino" if getattr(model, "takes_targets", False) else "model.two_stage")
 
 
 def calibrate_threshold(val_set: CocoDetection, detections: list[dict], state: TrainState,

@@ -87,6 +87,9 @@ def save_hf(model: nn.Module, cfg: ModelConfig | Mapping[str, Any], folder: str 
     omitted, ``tie_word_embeddings=true``)."""
     if not isinstance(cfg, ModelConfig):
         cfg = ModelConfig.from_dict(dict(cfg.get("model", cfg)), validate=False)
+    if cfg.arch != "deformable_detr":
+        raise CheckpointError(f"model.arch={cfg.arch}: transformers has no {cfg.arch.upper()} model class (only "
+                              f"DeformableDetr); keep this model as a detr_deform or original-format checkpoint")
     state = model.state_dict()
     tie = not independent_class_heads(state, cfg)
     config = hf_config_from(cfg, class_names, tie_weights=tie)

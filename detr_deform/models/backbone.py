@@ -39,6 +39,8 @@ class ResNetBackbone(nn.Module):
         name: resnet18 | resnet34 | resnet50 | resnet101.
         train_backbone: False freezes every parameter (official: lr_backbone <= 0).
         return_interm_layers: True returns layer2-4 (strides 8/16/32), else layer4 only.
+        out_indices: the layers returned instead (0 = layer1 … 3 = layer4), e.g. [0, 1, 2, 3]
+            for DINO-5scale (layer1, stride 4, stays frozen with the stem).
         dilation: DC5, dilation instead of stride in layer4 (Bottleneck ResNets only).
         norm: frozen_bn (official) | bn | sync_bn | gn (trainable, for training from scratch).
         freeze_stem_and_layer1: official behaviour; disable when training from scratch.
@@ -48,7 +50,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str = "resnet50", train_backbone: bool = True, return_interm_layers: bool = True,
                  dilation: bool = False, norm: str = "frozen_bn", freeze_stem_and_layer1: bool = True,
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, out_indices: list[int] | None = None) -> None:
         super().__init__()
         if name not in RESNET_BACKBONES:
             raise ValueError(f"ResNetBackbone: name must be one of {RESNET_BACKBONES}, got {name!r}")
@@ -66,14 +68,11 @@ class ResNetBackbone(nn.Module):
             trainable_layer = any(f"layer{i}" in param_name for i in (2, 3, 4)) or not freeze_stem_and_layer1
             if not train_backbone or not trainable_layer:
                 parameter.requires_grad_(False)
-        if return_interm_layers:
-            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
-            self.strides = [8, 16, 32]
-            self.num_channels = [_out_channels(getattr(resnet, f"layer{i}")) for i in (2, 3, 4)]
-        else:
-            return_layers = {"layer4": "0"}
-            self.strides = [32]
-            self.num_channels = [_out_channels(resnet.layer4)]
+        if out_indices is None:
+            out_indices = [1, 2, 3] if return_interm_layers else [3]
+        return_layers = {f"layer{index + 1}": str(k) for k, index in enumerate(out_indices)}
+        self.strides = [4 * 2 ** index for index in out_indices]
+        self.num_channels = [_out_channels(getattr(resnet, f"layer{index + 1}")) for index in out_indices]
         if dilation:
             self.strides[-1] = self.strides[-1] // 2
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)

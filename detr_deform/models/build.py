@@ -9,6 +9,9 @@ from detr_deform.models.criterion import SetCriterion, build_weight_dict
 from detr_deform.models.dat import DAT_PRESETS, DATBackbone
 from detr_deform.models.deformable_detr import DeformableDETR
 from detr_deform.models.deformable_transformer import DeformableTransformer
+from detr_deform.models.dino import DINO
+from detr_deform.models.dino_criterion import DINOCriterion, build_dino_weight_dict
+from detr_deform.models.dino_transformer import DINOTransformer
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.models.position_encoding import build_position_encoding
 from detr_deform.models.postprocess import PostProcess
@@ -31,7 +34,9 @@ def _model_config(cfg) -> ModelConfig:
 
 
 def build_backbone(cfg: ModelConfig) -> Joiner:
-    position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale)
+    # DINO's sine embedding: temperature 20 and no half-pixel offset (Deformable DETR: 10000, 0.5).
+    position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale,
+                                       cfg.pe_temperature, offset=0.0 if cfg.arch == "dino" else 0.5)
     if cfg.backbone in DAT_PRESETS:
         out_indices = cfg.backbone_out_indices or ([1, 2, 3] if cfg.num_feature_levels > 1 else [3])
         body = DATBackbone(cfg.backbone, out_indices, cfg.backbone_drop_path_rate, cfg.backbone_grad_checkpointing,
@@ -45,6 +50,7 @@ def build_backbone(cfg: ModelConfig) -> Joiner:
         norm=cfg.backbone_norm,
         freeze_stem_and_layer1=cfg.freeze_stem_and_layer1,
         pretrained=cfg.pretrained_backbone,
+        out_indices=cfg.backbone_out_indices,
     )
     return Joiner(body, position)
 
@@ -56,12 +62,15 @@ def _require_num_classes(cfg: ModelConfig) -> int:
     return cfg.num_classes
 
 
-def build_model(cfg) -> DeformableDETR:
+def build_model(cfg) -> DeformableDETR | DINO:
+    """Deformable DETR (model.arch=deformable_detr) or DINO (model.arch=dino)."""
     cfg = _model_config(cfg)
     num_classes = _require_num_classes(cfg)
     # Same construction order as the official build (backbone, then transformer),
     # so a given seed gives the same initial weights.
     backbone = build_backbone(cfg)
+    if cfg.arch == "dino":
+        return _build_dino(cfg, backbone, num_classes)
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
@@ -74,11 +83,31 @@ def build_model(cfg) -> DeformableDETR:
                           with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
 
 
+def _build_dino(cfg: ModelConfig, backbone: Joiner, num_classes: int) -> DINO:
+    transformer = DINOTransformer(
+        d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+        activation=cfg.activation, num_feature_levels=cfg.num_feature_levels, dec_n_points=cfg.dec_n_points,
+        enc_n_points=cfg.enc_n_points, num_queries=cfg.num_queries,
+        look_forward_twice=not cfg.use_detached_boxes_dec_out, attn_impl=cfg.attn_impl,
+    )
+    return DINO(backbone, transformer, num_classes=num_classes, num_queries=cfg.num_queries,
+                num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+                dn_number=cfg.dn_number if cfg.use_dn else 0, dn_label_noise_ratio=cfg.dn_label_noise_ratio,
+                dn_box_noise_scale=cfg.dn_box_noise_scale, dn_labelbook_size=cfg.dn_labelbook_size)
+
+
 def build_criterion(cfg) -> SetCriterion:
     """callable(outputs, targets) -> dict of UNWEIGHTED losses; ``.weight_dict`` has the coefficients."""
     cfg = _model_config(cfg)
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
+    if cfg.arch == "dino":
+        weight_dict = build_dino_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef,
+                                             cfg.dec_layers, cfg.aux_loss, cfg.use_dn and cfg.dn_number > 0,
+                                             cfg.interm_loss_coef, cfg.no_interm_box_loss)
+        return DINOCriterion(_require_num_classes(cfg), matcher, weight_dict, focal_alpha=cfg.focal_alpha,
+                             use_dn=cfg.use_dn and cfg.dn_number > 0)
     weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.dec_layers,
                                     cfg.aux_loss, cfg.two_stage)
     return SetCriterion(_require_num_classes(cfg), matcher, weight_dict, focal_alpha=cfg.focal_alpha)

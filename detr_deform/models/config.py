@@ -14,8 +14,13 @@ DAT_BACKBONES = ("dat_tiny", "dat_small", "dat_base")
 BACKBONE_NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
 
 
+ARCHS = ("deformable_detr", "dino")
+
+
 @dataclass
 class ModelConfig:
+    # Detector: Deformable DETR (with_box_refine / two_stage below) or DINO (docs/dino.md).
+    arch: str = choice(ARCHS, default="deformable_detr")
     # Backbone (official names)
     backbone: str = choice(RESNET_BACKBONES + DAT_BACKBONES, default="resnet50")
     dilation: bool = False
@@ -29,7 +34,7 @@ class ModelConfig:
     freeze_stem_and_layer1: bool = True
     pretrained_backbone: str | None = None    # local .pth, "torchvision" (online), or None
     # DAT backbones (backbone=dat_tiny|dat_small|dat_base)
-    backbone_out_indices: list[int] | None = None    # DAT stages fed to the transformer; None: 1,2,3 (or 3)
+    backbone_out_indices: list[int] | None = None    # stages fed to the transformer; None: 1,2,3 (or 3)
     backbone_drop_path_rate: float | None = bounded(None, ge=0, lt=1)  # None: the preset's (0.2 / 0.3 / 0.5)
     backbone_grad_checkpointing: bool = False        # recompute DAT blocks in backward (memory)
     dat_kwargs: dict[str, Any] = field(default_factory=dict)  # DAT constructor overrides (official key names)
@@ -61,6 +66,18 @@ class ModelConfig:
     bbox_loss_coef: float = bounded(5.0, ge=0)
     giou_loss_coef: float = bounded(2.0, ge=0)
     focal_alpha: float = bounded(0.25, ge=0, le=1)
+    # DINO only (the original's names; docs/dino.md). Contrastive denoising:
+    use_dn: bool = True
+    dn_number: int = bounded(100, ge=0)                   # up to 2 * dn_number denoising queries
+    dn_label_noise_ratio: float = bounded(0.5, ge=0, le=1)  # a label is redrawn with probability ratio / 2
+    dn_box_noise_scale: float = bounded(1.0, ge=0)        # released results: 1.0 (the config file's 0.4 is a typo)
+    dn_labelbook_size: int | None = bounded(None, ge=1)   # label-embedding rows - 1; None: num_classes
+    # Sine position embedding temperatures (y, x); None: 10000 for deformable_detr, 20 for dino.
+    pe_temperatureH: float | None = bounded(None, gt=0)
+    pe_temperatureW: float | None = bounded(None, gt=0)
+    interm_loss_coef: float = bounded(1.0, ge=0)          # the selected encoder tokens' losses
+    no_interm_box_loss: bool = False
+    use_detached_boxes_dec_out: bool = False              # true switches look-forward-twice off
     # Post-processing: detections kept per image (official eval: 100).
     num_select: int = bounded(100, ge=1)
     # Class-wise NMS at this IoU after the top-k (ours; official: none). For briefly trained models.
@@ -83,7 +100,36 @@ class ModelConfig:
             raise ValueError("model.set_cost_class, set_cost_bbox and set_cost_giou are all 0: the matcher needs "
                              "at least one positive cost")
         self._validate_backbone()
+        if self.arch == "dino":
+            self._validate_dino()
         return self
+
+    def _validate_dino(self) -> None:
+        if self.dn_labelbook_size is not None and self.num_classes is not None and \
+                self.dn_labelbook_size < self.num_classes:
+            raise ValueError(f"model.dn_labelbook_size={self.dn_labelbook_size} is smaller than model.num_classes="
+                             f"{self.num_classes}: the noisy labels (drawn from all classes) index the label "
+                             f"embedding; set model.dn_labelbook_size>={self.num_classes} (or leave it null)")
+        if self.position_embedding not in ("sine", "v2"):
+            raise ValueError(f"model.arch=dino uses the sine position embedding (model.position_embedding=sine), "
+                             f"not {self.position_embedding}")
+        if self.with_box_refine or self.two_stage:
+            raise ValueError(f"model.arch=dino with model.with_box_refine={str(self.with_box_refine).lower()} "
+                             f"model.two_stage={str(self.two_stage).lower()}: these select Deformable-DETR variants "
+                             f"(DINO always refines its boxes and selects its queries); set both to false, or start "
+                             f"from experiment=dino / dino_demo")
+
+    @property
+    def selects_encoder_tokens(self) -> bool:
+        """Whether the decoder's queries are the top num_queries encoder tokens (two-stage, DINO)."""
+        return self.two_stage or self.arch == "dino"
+
+    @property
+    def pe_temperature(self) -> tuple[float, float]:
+        """(y, x) temperatures of the sine position embedding."""
+        default = 20.0 if self.arch == "dino" else 10000
+        return (default if self.pe_temperatureH is None else self.pe_temperatureH,
+                default if self.pe_temperatureW is None else self.pe_temperatureW)
 
     def _validate_backbone(self) -> None:
         if self.dilation and self.backbone not in ("resnet50", "resnet101"):
@@ -96,7 +142,10 @@ class ModelConfig:
             if any(i not in range(4) for i in outputs) or list(outputs) != sorted(set(outputs)):
                 raise ValueError(f"model.backbone_out_indices={outputs} must be increasing DAT stage indices in 0..3")
         else:
-            outputs = [0, 1, 2] if self.num_feature_levels > 1 else [0]
+            outputs = self.backbone_out_indices or ([1, 2, 3] if self.num_feature_levels > 1 else [3])
+            if any(i not in range(4) for i in outputs) or list(outputs) != sorted(set(outputs)):
+                raise ValueError(f"model.backbone_out_indices={outputs} must be increasing ResNet stage indices in "
+                                 f"0..3 (0 = layer1, stride 4)")
         if self.num_feature_levels < len(outputs):
             raise ValueError(f"model.num_feature_levels={self.num_feature_levels} is fewer than the "
                              f"{len(outputs)} feature maps the backbone gives (use 1 for single-scale or at least "
@@ -131,9 +180,32 @@ class ModelConfig:
             config.train_backbone = values["lr_backbone"] > 0
         if values.get("masks"):
             raise ValueError("official checkpoints with segmentation heads (masks=True) are not supported")
+        if values.get("modelname") == "dino" or "dn_number" in values:
+            _dino_from_official_args(config, values)
         if num_classes is None:
             dataset = values.get("dataset_file", "coco")
             num_classes = {"coco": 91, "coco_panoptic": 250}.get(dataset, 2)  # official build()
         config.num_classes = num_classes
         config.pretrained_backbone = None
         return config.validate() if validate else config
+
+
+# The original DINO's switches that our DINO implements with one value only (the released configs').
+DINO_FIXED_ARGS = {"two_stage_type": "standard", "embed_init_tgt": True, "dec_pred_bbox_embed_share": True,
+                   "dec_pred_class_embed_share": True, "two_stage_bbox_embed_share": False,
+                   "two_stage_class_embed_share": False, "two_stage_learn_wh": False, "decoder_sa_type": "sa",
+                   "query_dim": 4, "pre_norm": False, "num_patterns": 0, "random_refpoints_xy": False}
+
+
+def _dino_from_official_args(config: ModelConfig, values: dict[str, Any]) -> None:
+    """The original DINO's ``args`` (IDEA-Research/DINO checkpoints) on top of the name-for-name copy."""
+    for key, expected in DINO_FIXED_ARGS.items():
+        if key in values and values[key] != expected:
+            raise ValueError(f"args.{key}={values[key]!r}: only {expected!r} (the released DINO models) is "
+                             f"supported")
+    config.arch = "dino"
+    config.with_box_refine = config.two_stage = False
+    if values.get("return_interm_indices") is not None:
+        config.backbone_out_indices = list(values["return_interm_indices"])
+    if values.get("use_dn") is False:
+        config.use_dn = False

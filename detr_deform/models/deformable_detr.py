@@ -34,6 +34,56 @@ class MLP(nn.Module):
         return x
 
 
+def build_input_proj(backbone: nn.Module, hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
+    """One 1x1 conv + GroupNorm(32) per backbone map, then 3x3 stride-2 conv + GroupNorm
+    levels (from the last map) up to ``num_feature_levels`` (default inits; see
+    ``init_input_proj``)."""
+    num_backbone_outs = len(backbone.strides)
+    if num_feature_levels < num_backbone_outs:
+        raise ValueError(
+            f"num_feature_levels={num_feature_levels} is fewer than the backbone's {num_backbone_outs} outputs"
+        )
+    input_proj = []
+    in_channels = backbone.num_channels[-1]
+    for level in range(num_backbone_outs):
+        in_channels = backbone.num_channels[level]
+        input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
+                                        nn.GroupNorm(32, hidden_dim)))
+    for _ in range(num_feature_levels - num_backbone_outs):
+        input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
+                                        nn.GroupNorm(32, hidden_dim)))
+        in_channels = hidden_dim
+    return nn.ModuleList(input_proj)
+
+
+def init_input_proj(input_proj: nn.ModuleList) -> None:
+    for proj in input_proj:
+        nn.init.xavier_uniform_(proj[0].weight, gain=1)
+        nn.init.constant_(proj[0].bias, 0)
+
+
+def multi_level_features(backbone: nn.Module, input_proj: nn.ModuleList,
+                         samples: NestedTensor | list[torch.Tensor] | torch.Tensor):
+    """Images -> (the padded NestedTensor, srcs, masks, position embeddings), one per
+    level: srcs (B, C, H_l, W_l), masks (B, H_l, W_l), pos (B, C, H_l, W_l)."""
+    if isinstance(samples, (list, tuple)):
+        samples = nested_tensor_from_tensor_list(list(samples))
+    elif isinstance(samples, torch.Tensor):
+        samples = nested_tensor_from_tensor_list(list(samples))
+    features, pos = backbone(samples)
+    srcs, masks = [], []
+    for level, feature in enumerate(features):
+        srcs.append(input_proj[level](feature.tensors))
+        masks.append(feature.mask)
+    for level in range(len(features), len(input_proj)):
+        src = input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
+        mask = mask_to_feature(samples.mask, src.shape[-2:])
+        srcs.append(src)
+        masks.append(mask)
+        pos.append(backbone[1](NestedTensor(src, mask)).to(src.dtype))
+    return samples, srcs, masks, pos
+
+
 class DeformableDETR(nn.Module):
     """
     Args:
@@ -70,31 +120,14 @@ class DeformableDETR(nn.Module):
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
-        num_backbone_outs = len(backbone.strides)
-        if num_feature_levels < num_backbone_outs:
-            raise ValueError(
-                f"num_feature_levels={num_feature_levels} is fewer than the backbone's {num_backbone_outs} outputs"
-            )
-        input_proj = []
-        in_channels = backbone.num_channels[-1]
-        for level in range(num_backbone_outs):
-            in_channels = backbone.num_channels[level]
-            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
-                                            nn.GroupNorm(32, hidden_dim)))
-        for _ in range(num_feature_levels - num_backbone_outs):
-            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                            nn.GroupNorm(32, hidden_dim)))
-            in_channels = hidden_dim
-        self.input_proj = nn.ModuleList(input_proj)
+        self.input_proj = build_input_proj(backbone, hidden_dim, num_feature_levels)
         self.backbone = backbone
 
         prior_prob = 0.01
         class_embed.bias.data = torch.ones(num_classes) * -math.log((1 - prior_prob) / prior_prob)
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
+        init_input_proj(self.input_proj)
 
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:
@@ -114,6 +147,11 @@ class DeformableDETR(nn.Module):
             for box_embed in self.bbox_embed:
                 nn.init.constant_(box_embed.layers[-1].bias.data[2:], 0.0)
 
+    @property
+    def selects_encoder_tokens(self) -> bool:
+        """Whether the queries are the top num_queries encoder tokens (needs that many tokens)."""
+        return self.two_stage
+
     def forward(self, samples: NestedTensor | list[torch.Tensor] | torch.Tensor) -> dict:
         """
         Args:
@@ -124,22 +162,7 @@ class DeformableDETR(nn.Module):
         (B, Q, 4) normalised (cx, cy, w, h), ``aux_outputs`` (list of such dicts
         for decoder layers 0..D-2) and, for two-stage, ``enc_outputs``.
         """
-        if isinstance(samples, (list, tuple)):
-            samples = nested_tensor_from_tensor_list(list(samples))
-        elif isinstance(samples, torch.Tensor):
-            samples = nested_tensor_from_tensor_list(list(samples))
-        features, pos = self.backbone(samples)
-
-        srcs, masks = [], []
-        for level, feature in enumerate(features):
-            srcs.append(self.input_proj[level](feature.tensors))
-            masks.append(feature.mask)
-        for level in range(len(features), self.num_feature_levels):
-            src = self.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
-            mask = mask_to_feature(samples.mask, src.shape[-2:])
-            srcs.append(src)
-            masks.append(mask)
-            pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
+        samples, srcs, masks, pos = multi_level_features(self.backbone, self.input_proj, samples)
 
         if self.two_stage and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             # The proposal top-k needs num_queries tokens: one line instead of topk's "k out of range".

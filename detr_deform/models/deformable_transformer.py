@@ -111,10 +111,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-                src_padding_mask=None):
-        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4); src (N, S, C)."""
+                src_padding_mask=None, self_attn_mask=None):
+        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4); src (N, S, C);
+        self_attn_mask (Q, Q) bool, True = may not attend (DINO's denoising groups)."""
         q = k = _with_pos(tgt, query_pos)
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0].transpose(0, 1)
+        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1),
+                              attn_mask=self_attn_mask)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)
@@ -180,11 +182,9 @@ class DeformableTransformer(nn.Module):
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                          num_feature_levels, nhead, enc_n_points, attn_impl)
-        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
-        decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                          num_feature_levels, nhead, dec_n_points, attn_impl)
+        self.encoder, decoder_layer = encoder_and_decoder_layer(d_model, nhead, num_encoder_layers, dim_feedforward,
+                                                                dropout, activation, num_feature_levels,
+                                                                dec_n_points, enc_n_points, attn_impl)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers, return_intermediate_dec)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -197,12 +197,7 @@ class DeformableTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m._reset_parameters()
+        reset_transformer_parameters(self)
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
@@ -222,45 +217,10 @@ class DeformableTransformer(nn.Module):
 
     def gen_encoder_output_proposals(self, memory: torch.Tensor, memory_padding_mask: torch.Tensor,
                                      spatial_shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One proposal per encoder pixel: centre at the pixel centre (normalised by
-        the valid extent), size 0.05 * 2**level. Returns the projected memory
-        (N, S, C) and the proposals in inverse-sigmoid space (N, S, 4), +inf where
-        invalid (on padding or too close to the border)."""
-        batch = memory.shape[0]
-        proposals = []
-        cursor = 0
-        for level, (height, width) in enumerate(spatial_shapes.tolist()):
-            mask = memory_padding_mask[:, cursor:cursor + height * width].view(batch, height, width, 1)
-            valid_h = torch.sum(~mask[:, :, 0, 0], 1)
-            valid_w = torch.sum(~mask[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
-                indexing="ij",
-            )
-            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
-            grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
-            wh = torch.ones_like(grid) * 0.05 * (2.0 ** level)
-            proposals.append(torch.cat((grid, wh), -1).view(batch, -1, 4))
-            cursor += height * width
-        output_proposals = torch.cat(proposals, 1)
-        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
-        output_proposals = torch.log(output_proposals / (1 - output_proposals))
-        output_proposals = output_proposals.masked_fill(memory_padding_mask.unsqueeze(-1), float("inf"))
-        output_proposals = output_proposals.masked_fill(~valid, float("inf"))
-        output_memory = memory.masked_fill(memory_padding_mask.unsqueeze(-1), 0.0)
-        output_memory = output_memory.masked_fill(~valid, 0.0)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
-        return output_memory, output_proposals
-
-    @staticmethod
-    def get_valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) padding mask -> (N, 2) fraction of valid (w, h)."""
-        _, height, width = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
+        """The projected memory (N, S, C) and one proposal per encoder pixel (N, S, 4),
+        see ``encoder_output_proposals``."""
+        output_memory, output_proposals = encoder_output_proposals(memory, memory_padding_mask, spatial_shapes)
+        return self.enc_output_norm(self.enc_output(output_memory)), output_proposals
 
     def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor],
                 query_embed: torch.Tensor | None = None):
@@ -272,20 +232,8 @@ class DeformableTransformer(nn.Module):
         and unactivated boxes (N, S, 4) (else None, None)."""
         if not self.two_stage and query_embed is None:
             raise ValueError("DeformableTransformer: query_embed is required unless two_stage=True")
-        src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes = [], [], [], []
-        for level, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
-            _, _, height, width = src.shape
-            spatial_shapes.append((height, width))
-            src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
-            lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
-        src_flatten = torch.cat(src_flatten, 1)
-        mask_flatten = torch.cat(mask_flatten, 1)
-        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
-
+        src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, level_start_index, valid_ratios = \
+            flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten,
                               mask_flatten)
 
@@ -314,3 +262,90 @@ class DeformableTransformer(nn.Module):
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
                                             valid_ratios, query_pos, mask_flatten)
         return hs, init_reference_out, inter_references, enc_outputs_class, enc_outputs_coord_unact
+
+
+def encoder_and_decoder_layer(d_model: int, nhead: int, num_encoder_layers: int, dim_feedforward: int,
+                              dropout: float, activation: str, num_feature_levels: int, dec_n_points: int,
+                              enc_n_points: int, attn_impl: Impl
+                              ) -> tuple[DeformableTransformerEncoder, DeformableTransformerDecoderLayer]:
+    """The encoder and one decoder layer (to be cloned by a decoder), built in the official order
+    (encoder layer first: a given seed gives the same initial weights)."""
+    encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                      num_feature_levels, nhead, enc_n_points, attn_impl)
+    encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
+    decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                      num_feature_levels, nhead, dec_n_points, attn_impl)
+    return encoder, decoder_layer
+
+
+def reset_transformer_parameters(transformer: nn.Module) -> None:
+    """The official initialisation pass: xavier-uniform on every matrix, then MSDeformAttn's own."""
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in transformer.modules():
+        if isinstance(m, MSDeformAttn):
+            m._reset_parameters()
+
+
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) padding mask -> (N, 2) fraction of valid (w, h)."""
+    _, height, width = mask.shape
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
+
+
+def flatten_levels(srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor],
+                   level_embed: torch.Tensor):
+    """Per-level maps -> the encoder's token sequence: src (N, S, C), padding mask
+    (N, S), position + level embedding (N, S, C), spatial shapes (L, 2) as (H, W),
+    level start indices (L,), valid ratios (N, L, 2)."""
+    src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes = [], [], [], []
+    for level, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
+        _, _, height, width = src.shape
+        spatial_shapes.append((height, width))
+        src_flatten.append(src.flatten(2).transpose(1, 2))
+        mask_flatten.append(mask.flatten(1))
+        lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + level_embed[level].view(1, 1, -1))
+    src_flatten = torch.cat(src_flatten, 1)
+    mask_flatten = torch.cat(mask_flatten, 1)
+    lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+    spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
+    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+    return src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, level_start_index, valid_ratios
+
+
+def encoder_output_proposals(memory: torch.Tensor, memory_padding_mask: torch.Tensor,
+                             spatial_shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One proposal per encoder pixel: centre at the pixel centre (normalised by the
+    valid extent), size 0.05 * 2**level. Returns the memory zeroed where invalid
+    (N, S, C) and the proposals in inverse-sigmoid space (N, S, 4), +inf where invalid
+    (on padding or too close to the border). The same in Deformable DETR and DINO."""
+    batch = memory.shape[0]
+    proposals = []
+    cursor = 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        mask = memory_padding_mask[:, cursor:cursor + height * width].view(batch, height, width, 1)
+        valid_h = torch.sum(~mask[:, :, 0, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :, 0], 1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
+        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** level)
+        proposals.append(torch.cat((grid, wh), -1).view(batch, -1, 4))
+        cursor += height * width
+    output_proposals = torch.cat(proposals, 1)
+    valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+    output_proposals = torch.log(output_proposals / (1 - output_proposals))
+    output_proposals = output_proposals.masked_fill(memory_padding_mask.unsqueeze(-1), float("inf"))
+    output_proposals = output_proposals.masked_fill(~valid, float("inf"))
+    output_memory = memory.masked_fill(memory_padding_mask.unsqueeze(-1), 0.0)
+    output_memory = output_memory.masked_fill(~valid, 0.0)
+    return output_memory, output_proposals

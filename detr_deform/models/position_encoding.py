@@ -13,20 +13,24 @@ class PositionEmbeddingSine(nn.Module):
     """Sine/cosine embedding of normalised (y, x) positions inside the valid
     (non-padded) region.
 
-    Positions are the cumulative count of valid pixels minus 0.5 (pixel centres),
-    divided by the valid extent (+1e-6) and scaled by ``scale``. The official
-    Deformable DETR code subtracts the 0.5; DETR's does not.
+    Positions are the cumulative count of valid pixels minus ``offset`` (0.5: pixel
+    centres), divided by the valid extent (+1e-6) and scaled by ``scale``. The official
+    Deformable DETR code subtracts the 0.5; DETR's and DINO's do not (``offset=0``).
+    ``temperature_w``: the x axis' temperature when it differs from the y axis'
+    (DINO's pe_temperatureH / pe_temperatureW; both 20 there, 10000 in Deformable DETR).
 
     Output: (B, 2 * num_pos_feats, H, W) as [y features, x features].
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000, normalize: bool = True,
-                 scale: float = 2 * math.pi) -> None:
+                 scale: float = 2 * math.pi, offset: float = 0.5, temperature_w: float | None = None) -> None:
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
+        self.temperature_w = temperature if temperature_w is None else temperature_w
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, tensor_list: NestedTensor) -> torch.Tensor:
         not_mask = ~tensor_list.mask
@@ -34,12 +38,16 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=not_mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
+            # Divided by the valid extent (the last count), the offset taken off the numerator only.
+            y_last, x_last = y_embed[:, -1:, :], x_embed[:, :, -1:]
+            if self.offset:
+                y_embed, x_embed = y_embed - self.offset, x_embed - self.offset
+            y_embed = y_embed / (y_last + eps) * self.scale
+            x_embed = x_embed / (x_last + eps) * self.scale
+        exponent = 2 * torch.div(torch.arange(self.num_pos_feats, dtype=torch.float32, device=not_mask.device), 2,
+                                 rounding_mode="floor") / self.num_pos_feats
+        pos_x = x_embed[:, :, :, None] / self.temperature_w ** exponent
+        pos_y = y_embed[:, :, :, None] / self.temperature ** exponent
         pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
@@ -73,11 +81,14 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0).repeat(x.shape[0], 1, 1, 1)
 
 
-def build_position_encoding(kind: str, hidden_dim: int, scale: float = 2 * math.pi) -> nn.Module:
-    """``kind``: 'sine' (alias 'v2') or 'learned' (alias 'v3'), as in the official arguments."""
+def build_position_encoding(kind: str, hidden_dim: int, scale: float = 2 * math.pi,
+                            temperature: tuple[float, float] = (10000, 10000), offset: float = 0.5) -> nn.Module:
+    """``kind``: 'sine' (alias 'v2') or 'learned' (alias 'v3'), as in the official arguments.
+    Sine only: ``temperature`` (y, x) and ``offset`` (Deformable DETR: 10000 and 0.5; DINO: 20 and 0)."""
     num_pos_feats = hidden_dim // 2
     if kind in ("sine", "v2"):
-        return PositionEmbeddingSine(num_pos_feats, normalize=True, scale=scale)
+        return PositionEmbeddingSine(num_pos_feats, temperature[0], normalize=True, scale=scale, offset=offset,
+                                     temperature_w=temperature[1])
     if kind in ("learned", "v3"):
         return PositionEmbeddingLearned(num_pos_feats)
     raise ValueError(f"position_embedding must be 'sine' or 'learned', got {kind!r}")

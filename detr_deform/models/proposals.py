@@ -37,13 +37,13 @@ def encoder_tokens(height: int, width: int, strides: Sequence[int], num_feature_
     return total
 
 
-def check_tokens(num_queries: int, tokens: int, input_size: tuple[int, int]) -> None:
+def check_tokens(num_queries: int, tokens: int, input_size: tuple[int, int], what: str = "two-stage model") -> None:
     """TooFewTokensError unless an input of ``input_size`` (height, width) giving
-    ``tokens`` encoder tokens has at least ``num_queries``."""
+    ``tokens`` encoder tokens has at least ``num_queries``. ``what``: the model, in the message."""
     if tokens < num_queries:
         height, width = input_size
         raise TooFewTokensError(
-            f"two-stage model with num_queries={num_queries}, but a {width}x{height} (width x height) network "
+            f"{what} with num_queries={num_queries}, but a {width}x{height} (width x height) network "
             f"input gives only {tokens} encoder tokens to choose the proposals from; use larger images (val_size / "
             f"data.train_scales) or a model with num_queries <= {tokens}")
 
@@ -72,17 +72,19 @@ def smallest_square_side(num_queries: int, strides: Sequence[int], num_feature_l
 
 
 def refuse_too_few_tokens(num_queries: int, strides: Sequence[int], num_feature_levels: int,
-                          splits: dict[str, tuple[Iterable[tuple[int, int]], int]], max_size: int) -> None:
+                          splits: dict[str, tuple[Iterable[tuple[int, int]], int]], max_size: int,
+                          what: str = "model.two_stage") -> None:
     """Before training a two-stage model: TooFewTokensError (one line) unless the
     smallest input of every split — ``splits``: name -> ((height, width) of its images,
-    shorter side it is resized to) — gives at least ``num_queries`` encoder tokens."""
+    shorter side it is resized to) — gives at least ``num_queries`` encoder tokens. ``what``: the
+    key that makes the model select its queries, in the message."""
     for name, (sizes, scale) in splits.items():
         tokens, (height, width) = smallest_tokens(sizes, scale, max_size, strides, num_feature_levels)
         if tokens < num_queries:
             side = smallest_square_side(num_queries, strides, num_feature_levels)
             key = "data.train_scales" if name == "training" else "data.val_size"
             raise TooFewTokensError(
-                f"model.two_stage with model.num_queries={num_queries}, but the smallest {name} input ({width}x"
+                f"{what} with model.num_queries={num_queries}, but the smallest {name} input ({width}x"
                 f"{height} px at {key} {scale}, data.max_size={max_size}) gives only {tokens} encoder tokens "
                 f"to take the proposals from (the top-k would fail); set model.num_queries<={tokens}, or {key} "
                 f"to at least {side} (a {side}x{side} input gives {num_queries} tokens)")

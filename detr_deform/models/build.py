@@ -15,6 +15,7 @@ from detr_deform.models.dino_transformer import DINOTransformer
 from detr_deform.models.matcher import HungarianMatcher
 from detr_deform.models.position_encoding import build_position_encoding
 from detr_deform.models.postprocess import PostProcess
+from detr_deform.models.timm_backbone import TimmBackbone
 
 
 def _model_config(cfg) -> ModelConfig:
@@ -37,6 +38,12 @@ def build_backbone(cfg: ModelConfig) -> Joiner:
     # DINO's sine embedding: temperature 20 and no half-pixel offset (Deformable DETR: 10000, 0.5).
     position = build_position_encoding(cfg.position_embedding, cfg.hidden_dim, cfg.position_embedding_scale,
                                        cfg.pe_temperature, offset=0.0 if cfg.arch == "dino" else 0.5)
+    if cfg.backbone == "timm":
+        body = TimmBackbone(cfg.timm_name, cfg.backbone_out_indices, cfg.num_feature_levels > 1,
+                            cfg.pretrained_backbone, cfg.train_backbone, cfg.freeze_stem_and_layer1,
+                            frozen_bn=cfg.backbone_norm == "frozen_bn",
+                            grad_checkpointing=cfg.backbone_grad_checkpointing, kwargs=cfg.timm_kwargs)
+        return Joiner(body, position)
     if cfg.backbone in DAT_PRESETS:
         out_indices = cfg.backbone_out_indices or ([1, 2, 3] if cfg.num_feature_levels > 1 else [3])
         body = DATBackbone(cfg.backbone, out_indices, cfg.backbone_drop_path_rate, cfg.backbone_grad_checkpointing,

@@ -22,7 +22,10 @@ class ModelConfig:
     # Detector: Deformable DETR (with_box_refine / two_stage below) or DINO (docs/dino.md).
     arch: str = choice(ARCHS, default="deformable_detr")
     # Backbone (official names)
-    backbone: str = choice(RESNET_BACKBONES + DAT_BACKBONES, default="resnet50")
+    backbone: str = choice(RESNET_BACKBONES + DAT_BACKBONES + ("timm",), default="resnet50")
+    # backbone=timm: any timm model with features_only (docs/backbones.md), and more create_model arguments
+    timm_name: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
     dilation: bool = False
     # v2 = sine, v3 = learned (official)
     position_embedding: str = choice(("sine", "learned", "v2", "v3"), default="sine")
@@ -137,6 +140,20 @@ class ModelConfig:
                              f"(resnet50/resnet101), not model.backbone={self.backbone}")
         if self.pretrained_backbone == "torchvision" and self.backbone_norm != "frozen_bn":
             raise ValueError("model.pretrained_backbone=torchvision requires model.backbone_norm=frozen_bn")
+        if self.backbone == "timm":
+            if not self.timm_name:
+                raise ValueError("model.backbone=timm needs model.timm_name (e.g. convnext_tiny, "
+                                 "swin_tiny_patch4_window7_224, resnet50d; or a preset: backbone=convnext_tiny)")
+            if self.backbone_norm == "gn":
+                raise ValueError("model.backbone_norm=gn applies to our ResNets; a timm backbone keeps its own norms: "
+                                 "set model.backbone_norm=frozen_bn (freezes its BatchNorms) or bn (trains them)")
+            if self.pretrained_backbone == "torchvision":
+                raise ValueError("model.pretrained_backbone=torchvision is for ResNets; timm backbones take 'timm' "
+                                 "(timm's weights) or a local file")
+            return  # stages and strides are checked against timm's feature_info when the model is built
+        if self.timm_name is not None:
+            raise ValueError(f"model.timm_name={self.timm_name} needs model.backbone=timm (now "
+                             f"{self.backbone})")
         if self.backbone in DAT_BACKBONES:
             outputs = self.backbone_out_indices or ([1, 2, 3] if self.num_feature_levels > 1 else [3])
             if any(i not in range(4) for i in outputs) or list(outputs) != sorted(set(outputs)):

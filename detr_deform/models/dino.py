@@ -56,7 +56,6 @@ class DINO(nn.Module):
         self.dn_box_noise_scale = dn_box_noise_scale
         self.transformer = transformer
         hidden_dim = transformer.d_model
-        self.hidden_dim = hidden_dim
         self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden_dim)
         self.input_proj = build_input_proj(backbone, hidden_dim, num_feature_levels)
         init_input_proj(self.input_proj)

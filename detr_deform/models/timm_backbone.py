@@ -33,7 +33,7 @@ def _timm():
 
 def _create(name: str, **kwargs) -> nn.Module:
     timm = _timm()
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         raise ValueError(f"model.timm_name={name!r} is not a timm model (timm.list_models('*{name[:6]}*') lists "
                          f"similar names)")
     try:  # any input size for transformers that can take it (Swin, ViT-style dynamic_img_size)

@@ -17,8 +17,10 @@ from hydra.core.config_store import ConfigStore
 
 from detr_deform.data import sizes as official
 from detr_deform.data.demo import ensure_demo_dataset
+from detr_deform.data.formats import SplitData, coco_layout, detect_format, open_split
 from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID
 from detr_deform.errors import DetrDeformError
+from detr_deform.io.hub import is_hub_id, is_named_weights
 from detr_deform.models.config import ModelConfig
 from detr_deform.utils.device import DeviceError, resolve_device
 from detr_deform.utils.fields import bounded, check_fields, choice, did_you_mean
@@ -30,8 +32,12 @@ class ConfigError(DetrDeformError, ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = choice(("coco", "demo"), default="coco")  # coco (any COCO-format data) | demo (built-in)
-    root: str | None = None                  # COCO layout: <root>/{train2017,val2017,annotations/}
+    dataset: str = choice(("coco", "demo"), default="coco")  # coco (the data under root, any layout) | demo (built-in)
+    root: str | None = None                  # COCO root, Pascal VOC year folder or YOLO folder (data.yaml)
+    format: str = choice(("auto", "coco", "voc", "yolo"), default="auto")  # layout of root (auto: detected)
+    train_split: str = "train"               # COCO <split>2017, VOC ImageSets/Main/<split>.txt, YOLO data.yaml key
+    val_split: str = "val"
+    class_names: list[str] | None = None     # VOC: the class list in id order 1..N (default: sorted names found)
     train_images: str | None = None          # override per split
     train_annotations: str | None = None
     val_images: str | None = None
@@ -70,8 +76,7 @@ class DataConfig:
     @staticmethod
     def coco_layout(root: str | Path, split: str) -> tuple[Path, Path]:
         """(image folder, annotation file) of ``split`` in the COCO layout under ``root``."""
-        root = Path(root)
-        return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+        return coco_layout(root, split)
 
     def resolved_root(self) -> str | None:
         """``root``, after generating the built-in demo data there (default: its cache
@@ -87,13 +92,14 @@ class DataConfig:
         annotations = getattr(self, f"{split}_annotations")
         root = root if root is not None else self.root
         if root is not None:
-            layout_images, layout_annotations = self.coco_layout(root, split)
+            layout_images, layout_annotations = self.coco_layout(root, getattr(self, f"{split}_split"))
             images = images or layout_images
             annotations = annotations or layout_annotations
         if images is None or annotations is None:
             raise ConfigError(
                 f"no {split} data configured: set data.root=/path/to/coco (with {split}2017/ and "
-                f"annotations/instances_{split}2017.json) or data.{split}_images and data.{split}_annotations"
+                f"annotations/instances_{split}2017.json), a Pascal VOC year folder or a YOLO folder, or "
+                f"data.{split}_images and data.{split}_annotations"
             )
         images, annotations = Path(images), Path(annotations)
         if not images.is_dir():
@@ -101,6 +107,25 @@ class DataConfig:
         if not annotations.is_file():
             raise ConfigError(f"data.{split}_annotations: file not found: {annotations}")
         return images, annotations
+
+    def split_data(self, split: str, root: str | Path | None = None) -> SplitData:
+        """Where ``split`` ('train' or 'val') is, in the layout of ``format`` (auto: detected
+        from the folder); VOC and YOLO annotations are converted to COCO content here.
+        ``root`` overrides ``self.root`` (e.g. the resolved demo root)."""
+        root = root if root is not None else self.root
+        explicit = getattr(self, f"{split}_images") or getattr(self, f"{split}_annotations")
+        data_format = "coco" if explicit or root is None else self.format
+        if data_format == "auto" and not Path(root).exists():
+            data_format = "coco"  # the COCO paths name what is missing (data.train_images: folder not found)
+        if data_format == "auto":
+            data_format = detect_format(root)
+        if data_format == "coco":
+            if self.class_names:
+                raise ConfigError("data.class_names applies to Pascal VOC folders only; COCO files name their "
+                                  "categories")
+            images, annotations = self.split_paths(split, root)
+            return SplitData("coco", images, annotations)
+        return open_split(root, getattr(self, f"{split}_split"), data_format, self.class_names)
 
 
 @dataclass
@@ -205,13 +230,16 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} selects {value} but the {module} package is not installed: "
                               f"pip install 'detr_deform[{extra}]'")
     for key, path in (("runtime.init_from", r.init_from), ("runtime.resume", r.resume)):
-        if path and path != "auto" and not Path(path).exists():
-            raise ConfigError(f"{key}: checkpoint not found: {path}")
+        hub_id = key == "runtime.init_from" and path and is_hub_id(path)  # fetched when the model is built
+        if path and path != "auto" and not hub_id and not Path(path).exists():
+            raise ConfigError(f"{key}: checkpoint not found: {path}" + (
+                " (nor a Hugging Face hub id org/name)" if key == "runtime.init_from" else ""))
     backbone_weights = cfg.model.pretrained_backbone
-    if backbone_weights and backbone_weights != "torchvision" and not Path(backbone_weights).is_file():
+    if backbone_weights and not is_named_weights(backbone_weights) and not Path(backbone_weights).is_file():
         # also checked where the weights load; here so that the run stops before reading the data
         raise ConfigError(f"model.pretrained_backbone: backbone weights file not found: {backbone_weights} "
-                          f"(a local .pth: torchvision-format ResNet or dat_*_in1k_*.pth)")
+                          f"(a local .pth / .safetensors, or a name: torchvision, torchvision:<weights>, timm, "
+                          f"hf-hub:<repo>; docs/backbones.md)")
     return cfg
 
 

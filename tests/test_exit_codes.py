@@ -97,6 +97,7 @@ TOOLS = {
     "export": (["ck.pth"], "export"),
     "convert": (["src.pth", "dst", "--to", "hf"], "convert"),
     "check_dataset": (["--coco-path", "data"], "check"),
+    "convert_dataset": (["voc/", "voc.json"], "convert"),
     "visualize": (["dataset", "--demo"], "visualize"),
     "plot_logs": (["runs/x"], "plot_runs"),
 }

@@ -263,8 +263,11 @@ def plain_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"backbone_config.backbone": "efficientnet_b0"}, r"backbone_config\.backbone='efficientnet_b0' is not supported"),
-    ({"backbone_config.backbone": "resnet50d"}, r"backbone_config\.backbone='resnet50d'"),
+    # any timm model is our timm backbone (tests/test_hub.py): these two are not
+    ({"backbone_config.backbone": "no_such_net"}, r"backbone_config\.backbone='no_such_net' is not supported: not a "
+                                                  r"timm model"),
+    ({"backbone_config.backbone": "convnext_atto", "backbone_config.output_stride": 16},
+     r"backbone_config\.output_stride=16 is not supported: dilation applies to the ResNets only"),
     ({"backbone_config": {"model_type": "resnet"}}, r"backbone_config\.model_type='resnet' is not supported"),
     ({"activation_function": "silu"}, r"activation_function='silu' is not supported"),
     ({"decoder_ffn_dim": 128}, r"decoder_ffn_dim=128 is not supported: .*encoder_ffn_dim=64"),

@@ -20,17 +20,19 @@ def _batch():
     return nested_tensor_from_tensor_list([torch.randn(3, 90, 121), torch.randn(3, 100, 70)])
 
 
-@pytest.mark.parametrize("name, channels", [("convnext_atto", [80, 160, 320]),
-                                            ("swin_tiny_patch4_window7_224", [192, 384, 768])])
-def test_stages_of_strides_8_16_32_at_any_input_size(name, channels):
+@pytest.mark.parametrize("name, channels, sizes", [
+    # a ConvNet sees the batch (100 x 121) as it is, as in transformers' DeformableDetr: floor at each stride
+    ("convnext_atto", [80, 160, 320], [(12, 15), (6, 7), (3, 3)]),
+    # a transformer gets it padded to a multiple of 32 (128 x 128), its mask with it, so that windows tile it
+    ("swin_tiny_patch4_window7_224", [192, 384, 768], [(16, 16), (8, 8), (4, 4)])])
+def test_stages_of_strides_8_16_32_at_any_input_size(name, channels, sizes):
     backbone = TimmBackbone(name)
     assert backbone.strides == [8, 16, 32] and backbone.num_channels == channels
     batch = _batch()
     features = backbone(batch)
-    for stride, channel, feature in zip(backbone.strides, channels, features):
-        # the batch (100 x 121) is padded to a multiple of 32 (128 x 128), its mask with it
-        assert feature.tensors.shape == (2, channel, 128 // stride, 128 // stride)
-        assert feature.mask.shape == (2, 128 // stride, 128 // stride)
+    for channel, size, feature in zip(channels, sizes, features):
+        assert feature.tensors.shape == (2, channel, *size)
+        assert feature.mask.shape == (2, *size)
         assert feature.mask[1, :, -1].all() and not feature.mask[0, 0, 0]  # image 1 is 70 wide: padding
 
 

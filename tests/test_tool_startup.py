@@ -30,7 +30,8 @@ TOOLS = sorted(p.name for p in (ROOT / "tools").glob("*.py") if p.name != "gpu_c
 # (command, an argument error) per command; the error must be caught by the parser (exit 2).
 BAD_ARGUMENTS = {"eval.py": ["ck.pth", "--topk", "0"], "infer.py": ["ck.pth"], "train.py": ["--experiment", "demo"],
                  "convert.py": ["a.pth", "b.pth"], "export.py": ["ck.pth", "--height", "x"],
-                 "visualize.py": ["nothing"], "check_dataset.py": ["--nope"]}
+                 "visualize.py": ["nothing"], "check_dataset.py": ["--nope"],
+                 "convert_dataset.py": ["voc/"]}
 
 
 def probe(command: str, *args: str) -> tuple[int, str]:

@@ -3,7 +3,9 @@
 
     python tools/eval.py runs/demo/<time>/checkpoint_best.pth              # data from the checkpoint's config
     python tools/eval.py r50_deformable_detr-checkpoint.pth --coco-path /data/coco
+    HF_HUB_OFFLINE=1 python tools/eval.py SenseTime/deformable-detr --coco-path /data/coco   # from the hub cache
     python tools/eval.py ckpt.pth --images /data/val --annotations /data/val.json --dump-detections dets.json
+    python tools/eval.py ckpt.pth --data /data/VOCdevkit/VOC2007 --split test   # Pascal VOC or YOLO folders as they are
     torchrun --nproc_per_node=8 tools/eval.py ckpt.pth --coco-path /data/coco
 
 Prints the 12 COCO metrics and the score threshold that maximises detection F1
@@ -30,7 +32,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint",
-                        help="checkpoint: ours, an official model-zoo .pth, or a Hugging Face save_pretrained folder")
+                        help="checkpoint: ours, an official model-zoo .pth, a Hugging Face save_pretrained folder, or "
+                             "a hub id org/name (the hub cache first; offline with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--revision", help="with a hub id: the branch, tag or commit (default main)")
+    parser.add_argument("--data", help="a dataset folder: COCO root, Pascal VOC year folder or YOLO folder / data.yaml")
+    parser.add_argument("--format", choices=("auto", "coco", "voc", "yolo"), default="auto",
+                        help="layout of --data (default: detected)")
+    parser.add_argument("--split", help="split to evaluate (default: the run's data.val_split, else val)")
+    parser.add_argument("--class-names", nargs="+", help="Pascal VOC: the class list in id order (default: the run's)")
     parser.add_argument("--coco-path", help="COCO root (val2017/ and annotations/instances_val2017.json)")
     parser.add_argument("--images", help="image folder of a COCO-format set")
     parser.add_argument("--annotations", help="instances JSON of a COCO-format set")

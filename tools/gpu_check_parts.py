@@ -247,7 +247,12 @@ MODELS = {"r50": {}, "r50_two_stage": {"with_box_refine": True, "two_stage": Tru
           "dat_tiny": {"backbone": "dat_tiny"},
           # configs/experiment/dino.yaml's model (R50 4-scale, 900 queries; tiny sizes keep TINY_MODEL's 12)
           "dino_r50": {"arch": "dino", "dim_feedforward": 2048, "dropout": 0.0, "num_queries": 900,
-                       "cls_loss_coef": 1.0, "num_select": 300}}
+                       "cls_loss_coef": 1.0, "num_select": 300},
+          # configs/backbone/convnext_tiny.yaml and swin_tiny.yaml (timm; docs/benchmarks.md has the CPU rows)
+          "convnext_tiny": {"backbone": "timm", "timm_name": "convnext_tiny", "backbone_norm": "bn",
+                            "freeze_stem_and_layer1": False, "timm_kwargs": {"drop_path_rate": 0.1}},
+          "swin_tiny": {"backbone": "timm", "timm_name": "swin_tiny_patch4_window7_224", "backbone_norm": "bn",
+                        "freeze_stem_and_layer1": False, "timm_kwargs": {"drop_path_rate": 0.2}}}
 
 
 def model_measurements(tiny: bool) -> list[tuple[str, str, str, int]]:
@@ -261,12 +266,14 @@ def model_measurements(tiny: bool) -> list[tuple[str, str, str, int]]:
     runs += [("r50", "train", amp, 2) for amp in ("off", "fp16", "bf16")]
     runs += [(m, "infer", amp, b) for m in ("r50", "r50_two_stage") for amp in ("off", "bf16") for b in (1, 8)]
     runs += [("dat_tiny", "train", amp, 2) for amp in ("off", "bf16")]
-    return runs + [("dino_r50", "train", amp, 2) for amp in ("off", "bf16")] + [("dino_r50", "infer", "bf16", 1)]
+    runs += [("dino_r50", "train", amp, 2) for amp in ("off", "bf16")] + [("dino_r50", "infer", "bf16", 1)]
+    return runs + [(m, "train", amp, 2) for m in ("convnext_tiny", "swin_tiny") for amp in ("off", "bf16")]
 
 
 def model_bench(ctx) -> None:
     """R50 (plain; two-stage + box refinement) at 800x1066: training step at batch 2 in fp32 / AMP fp16 /
-    bf16, inference at batch 1 and 8 (fp32, bf16); DAT-T's and DINO-4scale's training step (fp32, bf16)."""
+    bf16, inference at batch 1 and 8 (fp32, bf16); DAT-T's, DINO-4scale's and the ConvNeXt-T / Swin-T backbones'
+    training step (fp32, bf16)."""
     for index, (model, kind, amp, batch) in enumerate(model_measurements(ctx.tiny)):
         size = (64, 64) if ctx.tiny else (800, 1066)
         measure = _train_measure if kind == "train" else _infer_measure

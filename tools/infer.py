@@ -43,7 +43,9 @@ from detr_deform.inference.defaults import DEFAULT_BATCH_SIZE
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_STATUS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint: ours, an official model-zoo .pth, a Hugging Face "
+                                           "save_pretrained folder, or a hub id org/name (the hub cache first)")
+    parser.add_argument("--revision", help="with a hub id: the branch, tag or commit (default main)")
     parser.add_argument("inputs", nargs="+", help="image or video files, folders or glob patterns (quote globs)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/infer"))
     parser.add_argument("--threshold", type=float,

@@ -45,9 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dataset = sub.add_parser("dataset", help="ground truth after the data augmentations")
     dataset.add_argument("--demo", action="store_true", help="the built-in demo dataset")
     dataset.add_argument("--coco-path", type=Path, help="COCO layout root")
+    dataset.add_argument("--data", type=Path, help="a dataset folder in any layout: COCO, Pascal VOC or YOLO")
+    dataset.add_argument("--format", choices=("auto", "coco", "voc", "yolo"), default="auto",
+                         help="layout of --data (default: detected)")
     dataset.add_argument("--images", type=Path)
     dataset.add_argument("--annotations", type=Path)
-    dataset.add_argument("--split", choices=("train", "val"), default="train")
+    dataset.add_argument("--split", default="train", help="train or val (VOC / YOLO: any split name)")
     dataset.add_argument("--run-config", type=Path, help="a run's config.yaml: use its data settings")
     dataset.add_argument("--num", type=int, default=8, help="number of samples drawn")
     dataset.add_argument("--seed", type=int, default=0, help="augmentation seed (epoch)")
@@ -60,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--pixel takes x,y (e.g. 320,240), got {args.pixel}")
         if any(len(p) != 2 for p in args.pixel):
             parser.error("--pixel takes x,y (e.g. 320,240)")
-    elif sum(x is not None and x is not False for x in (args.demo or None, args.coco_path, args.images)) != 1 \
-            or (args.images is None) != (args.annotations is None):
-        parser.error("pass exactly one of --demo, --coco-path, or --images with --annotations")
+    elif sum(x is not None and x is not False for x in (args.demo or None, args.coco_path, args.data, args.images)) \
+            != 1 or (args.images is None) != (args.annotations is None):
+        parser.error("pass exactly one of --demo, --coco-path, --data, or --images with --annotations")
     return args
 
 

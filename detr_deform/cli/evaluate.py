@@ -17,6 +17,7 @@ from tqdm import tqdm
 from detr_deform.config import DataConfig
 from detr_deform.data.coco import CocoDetection, collate_fn
 from detr_deform.data.errors import DatasetError
+from detr_deform.data.formats import SplitData, coco_layout, detect_format, open_split
 from detr_deform.data.transforms import build_transforms
 from detr_deform.engine.steps import evaluate
 from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold, stored_score_threshold
@@ -35,20 +36,29 @@ def saved_batch_size(saved: dict) -> int:
     return batch_size if isinstance(batch_size, int) and batch_size > 0 else 2
 
 
-def resolve_data(args, saved: dict) -> tuple[Path, Path, int, int]:
-    """Evaluation images, annotations and sizes: the arguments, else the run's own data settings."""
+def resolve_data(args, saved: dict) -> tuple[SplitData, int, int]:
+    """Evaluation split and sizes: the arguments, else the run's own data settings (any layout)."""
     data = DataConfig.from_saved(saved.get("data") if isinstance(saved, dict) else None, source=args.checkpoint)
     val_size = args.val_size or data.val_size
     max_size = args.max_size or data.max_size
     if args.images or args.annotations:
         if not (args.images and args.annotations):
             raise DatasetError("--images and --annotations go together")
-        return Path(args.images), Path(args.annotations), val_size, max_size
-    root = args.coco_path or data.resolved_root()
-    if root is None:
-        raise DatasetError("no evaluation data: pass --coco-path or --images/--annotations")
-    images, annotations = DataConfig.coco_layout(root, "val")
-    return images, annotations, val_size, max_size
+        return SplitData("coco", Path(args.images), Path(args.annotations)), val_size, max_size
+    if args.data:
+        data_format = detect_format(args.data) if args.format == "auto" else args.format
+        # the run's VOC class list applies to a VOC folder only
+        names = args.class_names or (data.class_names if data_format == "voc" else None)
+        return open_split(args.data, args.split or data.val_split, data_format, names), val_size, max_size
+    if args.coco_path:
+        return SplitData("coco", *coco_layout(args.coco_path, args.split or "val")), val_size, max_size
+    root = data.resolved_root()
+    if root is None and not (data.val_images and data.val_annotations):
+        raise DatasetError("no evaluation data: pass --data FOLDER (COCO, VOC or YOLO), --coco-path or "
+                           "--images/--annotations")
+    if args.split:
+        data.val_split = args.split
+    return data.split_data("val", root), val_size, max_size
 
 
 def category_mismatches(content, num_classes: int, names: dict[int, str]) -> list[str]:
@@ -71,7 +81,7 @@ def default_output(checkpoint: str) -> Path:
 
 
 def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
-    content = read_content(args.checkpoint)
+    content = read_content(args.checkpoint, getattr(args, "revision", None))
     stored_threshold = stored_score_threshold(content, args.checkpoint)  # a malformed entry: refused before the work
     saved_config = content.get("config", {}) if isinstance(content, dict) else {}
     with warnings.catch_warnings():
@@ -80,11 +90,12 @@ def run(args: argparse.Namespace, dist_info: distributed.DistInfo) -> None:
     broken = nonfinite_tensors(model.state_dict())
     if args.topk:
         cfg.num_select = args.topk
-    images, annotations, val_size, max_size = resolve_data(args, saved_config)
+    split, val_size, max_size = resolve_data(args, saved_config)
+    annotations = split.source
     output = Path(args.output) if args.output else default_output(args.checkpoint)
     refuse_outputs_onto_inputs({"--output": output, "--dump-detections": args.dump_detections},
                                {"the checkpoint": args.checkpoint, "the annotation file": annotations})
-    dataset = CocoDetection(images, annotations, build_transforms("val", val_size=val_size, max_size=max_size))
+    dataset = CocoDetection.from_split(split, build_transforms("val", val_size=val_size, max_size=max_size))
     if dataset.num_classes > cfg.num_classes:
         raise DatasetError(f"{annotations} has category ids up to {dataset.num_classes - 1} but the model "
                            f"predicts {cfg.num_classes} classes")

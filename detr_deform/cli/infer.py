@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         require_av()
     device = resolve_device(args.device, option="--device")
-    detector = Detector.from_pretrained(args.checkpoint, device, args.val_size, args.max_size)
+    detector = Detector.from_pretrained(args.checkpoint, device, args.val_size, args.max_size,
+                                        revision=getattr(args, "revision", None))
     with writing(args.output_dir):
         args.output_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}

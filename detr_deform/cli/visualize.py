@@ -82,21 +82,26 @@ def _data_settings(args: argparse.Namespace):
 def dataset_samples(args: argparse.Namespace) -> list[Path]:
     from detr_deform.config import DataConfig
     from detr_deform.data.coco import CocoDetection
+    from detr_deform.data.formats import SplitData, open_split
     from detr_deform.data.transforms import build_transforms
     from detr_deform.data.visualization import denormalize, draw_boxes, save_image, with_caption
     from detr_deform.utils.box_ops import box_cxcywh_to_xyxy
 
     data = _data_settings(args)
     if args.demo:
-        images, annotations = DataConfig.coco_layout(data.resolved_root(), args.split)
+        split = SplitData("coco", *DataConfig.coco_layout(data.resolved_root(), args.split))
     elif args.coco_path is not None:
-        images, annotations = DataConfig.coco_layout(args.coco_path, args.split)
+        split = SplitData("coco", *DataConfig.coco_layout(args.coco_path, args.split))
+    elif args.data is not None:
+        split = open_split(args.data, args.split, args.format)
     else:
-        images, annotations = args.images, args.annotations
-    transforms = build_transforms(args.split, scales=data.train_scales, max_size=data.max_size,
+        split = SplitData("coco", args.images, args.annotations)
+    # the training augmentations for a training split (train, trainval), else the evaluation resize
+    mode = "train" if args.split.startswith("train") else "val"
+    transforms = build_transforms(mode, scales=data.train_scales, max_size=data.max_size,
                                   val_size=data.val_size, crop_resize_sizes=data.crop_resize_sizes,
                                   crop_min=data.crop_min, crop_max=data.crop_max)
-    dataset = CocoDetection(images, annotations, transforms, seed=args.seed)
+    dataset = CocoDetection.from_split(split, transforms, seed=args.seed)
     written = []
     for index in range(min(args.num, len(dataset))):
         image, target = dataset[index]

@@ -5,7 +5,7 @@ import contextlib
 import io
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -14,8 +14,15 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from detr_deform.data.errors import DatasetError
+from detr_deform.data.formats import SplitData
 from detr_deform.data.images import load_rgb_image
-from detr_deform.data.schema import DEFAULT_MAX_CATEGORY_ID, check_structure, fill_coco_defaults, read_instances_json
+from detr_deform.data.schema import (
+    DEFAULT_MAX_CATEGORY_ID,
+    Problem,
+    check_structure,
+    fill_coco_defaults,
+    read_instances_json,
+)
 
 __all__ = ["CocoDetection", "collate_fn", "load_coco_json", "raise_worker_errors_cleanly", "skipped_in"]
 
@@ -63,11 +70,16 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Category ids must lie in 0..``max_category_id`` (the class head has max id + 1
     outputs) and image file names inside ``image_folder`` (no absolute paths, no ``..``).
+
+    ``content``: the instances content already parsed or converted (Pascal VOC, YOLO;
+    ``annotation_file`` then names its source in messages), with ``conversion_problems``
+    the problems met converting it, treated like those of the JSON.
     """
 
     def __init__(self, image_folder: str | Path, annotation_file: str | Path,
                  transforms: Callable | None = None, on_bad_sample: str = "error", seed: int = 0,
-                 replace_bad: bool = True, max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> None:
+                 replace_bad: bool = True, max_category_id: int = DEFAULT_MAX_CATEGORY_ID,
+                 content: dict | None = None, conversion_problems: Sequence[Problem] = ()) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         self.image_folder = Path(image_folder)
@@ -79,18 +91,32 @@ class CocoDetection(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_category_id = max_category_id
-        content = read_instances_json(annotation_file)
-        excluded = self._check(content)
+        content = read_instances_json(annotation_file) if content is None else content
+        excluded = self._check(content, conversion_problems)
         fill_coco_defaults(content)
         self.coco = load_coco_json(annotation_file, content)
         self.ids = sorted(i for i in self.coco.imgs if i not in excluded)
         self.transforms = transforms
         self.category_names = {int(c["id"]): str(c.get("name", c["id"])) for c in content["categories"]}
+        self.data_format, self.source_label = "coco", str(self.annotation_file)
 
-    def _check(self, content: dict) -> set[int]:
-        """Start-up checks of the JSON. In skip mode, drops bad annotations from
+    @classmethod
+    def from_split(cls, split: SplitData, transforms: Callable | None = None, **kwargs) -> CocoDetection:
+        """The dataset of one split in any layout (see ``DataConfig.split_data``)."""
+        dataset = cls(split.image_folder, split.source, transforms, content=split.content,
+                      conversion_problems=split.problems, **kwargs)
+        dataset.data_format, dataset.source_label = split.format, split.describe()
+        return dataset
+
+    def objects_per_image(self) -> list[int]:
+        """How many (non-crowd) objects each image has, in ``ids`` order."""
+        return [sum(1 for a in self.coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in self.ids]
+
+    def _check(self, content: dict, conversion_problems: Sequence[Problem] = ()) -> set[int]:
+        """Start-up checks of the content. In skip mode, drops bad annotations from
         ``content`` and returns the ids of the images they belong to (left out)."""
-        problems = check_structure(content, str(self.annotation_file), self.max_category_id)
+        problems = list(conversion_problems) + check_structure(content, str(self.annotation_file),
+                                                               self.max_category_id)
         errors = [p for p in problems if p.severity == "error"]
         fatal = [p for p in errors if self.on_bad_sample == "error" or p.kind in _STRUCTURAL
                  or (p.image_id is None and p.annotation_index is None)]

@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 from detr_deform.data.errors import DatasetError
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -70,3 +72,17 @@ def load_rgb_image(path: Path, expected_size: tuple[int, int] | None = None, whe
     except (OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"{prefix}cannot read image {path}: {error} (corrupt or truncated file?)",
                            kind="unreadable_image") from error
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation, from the file's header."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except FileNotFoundError as error:
+        raise DatasetError(f"image file not found: {path}", kind="missing_file") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {path}: {error} (corrupt or truncated file?)",
+                           kind="unreadable_image") from error
+    return (height, width) if orientation in _ROTATED else (width, height)

@@ -1,6 +1,6 @@
-"""The dataset report of ``tools/check_dataset.py``: every problem of a
-COCO-format split, its JSON and (optionally) every image file, read by a
-thread pool."""
+"""The dataset report of ``tools/check_dataset.py``: every problem of a split
+(COCO, or Pascal VOC / YOLO converted to COCO content), its annotations and
+(optionally) every image file, read by a thread pool."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from detr_deform.data.errors import DatasetError
+from detr_deform.data.formats import SplitData
 from detr_deform.data.images import load_rgb_image
 from detr_deform.data.schema import (
     DEFAULT_MAX_CATEGORY_ID,
@@ -32,6 +33,7 @@ class DatasetReport:
     files_checked: bool = False
     files_not_checked_because: str = "--no-files"
     problems: list[Problem] | None = None
+    label: str = ""  # names the split when the annotation file holds several (YOLO's data.yaml)
 
     @property
     def errors(self) -> list[Problem]:
@@ -47,7 +49,7 @@ class DatasetReport:
         return not self.errors
 
     def format(self, max_listed: int = 10) -> str:
-        lines = [f"{self.annotation_file} (images in {self.image_folder})",
+        lines = [f"{self.label or self.annotation_file} (images in {self.image_folder})",
                  f"  {self.num_images} images, {self.num_annotations} annotations, "
                  f"{self.images_without_annotations} images without annotations (kept, as negatives)"]
         if self.annotations_per_category:
@@ -84,21 +86,42 @@ def _check_file(image_folder: Path, entry: dict) -> Problem | None:
     return None
 
 
+def _crowded_images(images: list[dict], annotations: list[dict], num_queries: int) -> list[Problem]:
+    """Images with more objects than the model has queries: trained on (the surplus objects stay
+    unmatched), but the model cannot find them all."""
+    counts: dict = {}
+    for annotation in annotations:
+        if not annotation.get("iscrowd", 0):
+            counts[annotation.get("image_id")] = counts.get(annotation.get("image_id"), 0) + 1
+    return [Problem("warning", "more_objects_than_queries", f"image {e['id']} ({e['file_name']})",
+                    f"{counts[e['id']]} objects, more than num_queries={num_queries}: the model finds at most "
+                    f"num_queries per image (raise model.num_queries for such data)", e["id"])
+            for e in images if counts.get(e["id"], 0) > num_queries]
+
+
 def check_dataset(image_folder: str | Path, annotation_file: str | Path, check_files: bool = True,
                   workers: int = 4, progress: bool = False,
-                  max_category_id: int = DEFAULT_MAX_CATEGORY_ID) -> DatasetReport:
-    """Checks a COCO-format split: the JSON (structure, ids, boxes, categories
-    in 0..``max_category_id``) and, with ``check_files``, every image file (exists,
-    decodes completely, size equals the JSON's). Never raises for data problems:
-    they are in the report."""
-    report = DatasetReport(Path(annotation_file), Path(image_folder), problems=[])
-    try:
-        content = read_instances_json(annotation_file)
-    except DatasetError as error:
-        # The message names the file already (and the report's first line does too).
-        report.problems.append(Problem("error", error.kind, "annotations JSON", str(error)))
-        report.files_not_checked_because = "the annotation file could not be read"
-        return report
+                  max_category_id: int = DEFAULT_MAX_CATEGORY_ID, num_queries: int = 300,
+                  split: SplitData | None = None) -> DatasetReport:
+    """Checks a split: the annotations (structure, ids, boxes, categories in
+    0..``max_category_id``, images with more objects than ``num_queries``) and, with
+    ``check_files``, every image file (exists, decodes completely, size equals the
+    annotations'). ``split``: a Pascal VOC or YOLO split converted to COCO content (its
+    conversion problems are reported too); else ``annotation_file`` is a COCO JSON.
+    Never raises for data problems: they are in the report."""
+    report = DatasetReport(Path(annotation_file), Path(image_folder), problems=[],
+                           label=split.describe() if split is not None else "")
+    if split is not None and split.content is not None:
+        content = split.content
+        report.problems.extend(split.problems)
+    else:
+        try:
+            content = read_instances_json(annotation_file)
+        except DatasetError as error:
+            # The message names the file already (and the report's first line does too).
+            report.problems.append(Problem("error", error.kind, "annotations JSON", str(error)))
+            report.files_not_checked_because = "the annotation file could not be read"
+            return report
     report.problems.extend(check_structure(content, str(annotation_file), max_category_id))
     images = [e for e in content["images"] if check_image_entry(e) is None]
     annotations = [a for a in content["annotations"] if isinstance(a, dict)]
@@ -111,6 +134,7 @@ def check_dataset(image_folder: str | Path, annotation_file: str | Path, check_f
         if name is not None:
             counts[name] += 1
     report.annotations_per_category = counts
+    report.problems.extend(_crowded_images(images, annotations, num_queries))
     annotated = {a.get("image_id") for a in annotations}
     report.images_without_annotations = sum(1 for e in images if e["id"] not in annotated)
     if check_files and not Path(image_folder).is_dir():

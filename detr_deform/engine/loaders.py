@@ -1,5 +1,5 @@
-"""Datasets and data loaders of a training run: the train/val COCO-format
-datasets, the (aspect-ratio grouped, resumable) batch samplers, and the loaders
+"""Datasets and data loaders of a training run: the train/val datasets (COCO, VOC
+or YOLO layout), the (aspect-ratio grouped, resumable) batch samplers, and the loaders
 with their distributed samplers."""
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ def build_datasets(data: DataConfig, root: str | Path | None, seed: int) -> tupl
     checks = dict(on_bad_sample=data.on_bad_sample, seed=seed, max_category_id=data.max_category_id)
     kwargs = dict(scales=data.train_scales, max_size=data.max_size, val_size=data.val_size,
                   crop_resize_sizes=data.crop_resize_sizes, crop_min=data.crop_min, crop_max=data.crop_max)
-    train_images, train_annotations = data.split_paths("train", root)
-    val_images, val_annotations = data.split_paths("val", root)
-    train = CocoDetection(train_images, train_annotations, build_transforms("train", **kwargs), **checks)
+    train = CocoDetection.from_split(data.split_data("train", root), build_transforms("train", **kwargs), **checks)
     # An unreadable validation image is left out of the evaluation, not replaced by another one.
-    val = CocoDetection(val_images, val_annotations, build_transforms("val", **kwargs), replace_bad=False, **checks)
+    val = CocoDetection.from_split(data.split_data("val", root), build_transforms("val", **kwargs), replace_bad=False,
+                                   **checks)
     return train, val
 
 

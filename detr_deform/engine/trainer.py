@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from detr_deform.config import Config
 from detr_deform.data.coco import CocoDetection
+from detr_deform.data.formats import FORMAT_NAMES
 from detr_deform.engine import faults
 from detr_deform.engine.checkpointing import (
     Resumed,
@@ -38,6 +39,7 @@ from detr_deform.engine.run_logger import RunLogger, log_prediction_images
 from detr_deform.engine.state import TrainState, seed_everything
 from detr_deform.engine.steps import evaluate
 from detr_deform.evaluation.score_threshold import DEFAULT_SCORE_THRESHOLD, best_f1_threshold
+from detr_deform.io.hub import needs_fetch
 from detr_deform.loading.model import init_from
 from detr_deform.models.build import build_criterion, build_model, build_postprocessor
 from detr_deform.models.config import ModelConfig
@@ -79,6 +81,8 @@ def _train_in(run: ResolvedRun, lock: RunLock | None, cfg: Config, dist_info: di
     """The run in its claimed directory (``lock``: held by rank 0, None elsewhere)."""
     logger = RunLogger(run.run_dir, dist_info.is_main)
     logger.console(f"run directory: {run.run_dir} | world size {dist_info.world_size} | device {dist_info.device}")
+    for line in describe_data(cfg, train_set, val_set):
+        logger.console(line)
 
     loaders = build_loaders(cfg, train_set, val_set, dist_info.rank, dist_info.world_size,
                             pin_memory=dist_info.device.type == "cuda")
@@ -129,9 +133,14 @@ def build_training(cfg: Config, model_cfg: ModelConfig, dist_info: distributed.D
     """Model (+ runtime.init_from weights, SyncBatchNorm, DDP), criterion,
     post-processor, optimizer, learning-rate schedule, fp16 scaler and EMA of a run."""
     device = dist_info.device
-    model = build_model(model_cfg).to(device)
+    # Weights by name: each node's first rank fills the cache, the others then read it.
+    # Rank 0 decides for all (a path that exists on one node only must not split the ranks' barriers).
+    fetch = distributed.broadcast_object(needs_fetch(model_cfg.pretrained_backbone, cfg.runtime.init_from))
+    first = distributed.rank_zero_first if fetch else (lambda fn: fn())
+    model = first(lambda: build_model(model_cfg)).to(device)
     if cfg.runtime.init_from:
-        report = init_from(model, cfg.runtime.init_from, allow_nonfinite=cfg.runtime.allow_nonfinite_weights)
+        report = first(lambda: init_from(model, cfg.runtime.init_from,
+                                         allow_nonfinite=cfg.runtime.allow_nonfinite_weights))
         logger.console(f"init_from {cfg.runtime.init_from}: {len(report['loaded'])} tensors loaded, "
                        f"{len(report['shape_mismatch'])} shape mismatches, {len(report['missing'])} missing, "
                        f"{len(report['unexpected'])} of the file's left unused")
@@ -178,6 +187,25 @@ def evaluate_and_keep_best(parts: TrainingParts, loaders: Loaders, val_set: Coco
         path = save_training_checkpoint(run.run_dir / "checkpoint_best.pth", parts, state, run.saved_config(cfg),
                                         val_set.category_names)
         ctx.logger.checkpoint("checkpoint_best", path)
+
+
+def describe_data(cfg: Config, train_set: CocoDetection, val_set: CocoDetection) -> list[str]:
+    """The data's layout and sizes, and a warning for images with more objects than queries
+    (they are trained on, with the surplus objects unmatched, never truncated)."""
+    detected = " (detected; data.format= to choose)" if cfg.data.format == "auto" and cfg.data.dataset != "demo" \
+        else ""
+    lines = [f"data: {FORMAT_NAMES[train_set.data_format]}{detected} | train {train_set.source_label}: "
+             f"{len(train_set)} images | val {val_set.source_label}: {len(val_set)} images | "
+             f"{len(train_set.category_names)} categories"]
+    queries = cfg.model.num_queries
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        counts = dataset.objects_per_image()
+        over = sum(count > queries for count in counts)
+        if over:
+            lines.append(f"warning: {over} {name} image(s) have more objects than model.num_queries={queries} (up "
+                         f"to {max(counts)}): the model finds at most num_queries objects per image (and the COCO "
+                         f"metrics count at most 100 detections per image); raise model.num_queries for such data")
+    return lines
 
 
 def _refuse_too_few_proposals(model: torch.nn.Module, cfg: Config, train_set: CocoDetection,

@@ -105,15 +105,18 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
-                        val_size: int | None = None, max_size: int | None = None) -> Detector:
+                        val_size: int | None = None, max_size: int | None = None,
+                        revision: str | None = None) -> Detector:
         """Loads a checkpoint (ours, an official model-zoo file, or a Hugging Face
-        DeformableDetr directory / model.safetensors / pytorch_model.bin) on ``device``
-        (auto: a GPU when one is visible). ``val_size``/``max_size`` override the
-        checkpoint's validation sizes. Raises CheckpointError (unusable file) or
-        DeviceError (no such device) with a one-line message."""
+        DeformableDetr directory / model.safetensors / pytorch_model.bin), or a Hugging Face
+        hub id of such a folder (``"SenseTime/deformable-detr"``, at ``revision``; the hub
+        cache first, offline with ``HF_HUB_OFFLINE=1``) on ``device`` (auto: a GPU when one
+        is visible). ``val_size``/``max_size`` override the checkpoint's validation sizes.
+        Raises CheckpointError (unusable file, not in the cache offline) or DeviceError (no
+        such device) with a one-line message."""
         device = resolve_device(str(device), option="device")  # before reading a large file
         path = Path(path).expanduser()
-        content = read_content(path)  # the one place the file is read (ours, official or Hugging Face)
+        content = read_content(path, revision)  # the one place the file is read (ours, official or Hugging Face)
         model, cfg = model_from_content(content, path, device)
         saved = content.get("config", {}) if isinstance(content, dict) else {}
         try:

@@ -8,6 +8,7 @@ The parts: folder files (:mod:`detr_deform.io.hf_folder`), config.json
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -90,6 +91,8 @@ def save_hf(model: nn.Module, cfg: ModelConfig | Mapping[str, Any], folder: str 
     if cfg.arch != "deformable_detr":
         raise CheckpointError(f"model.arch={cfg.arch}: transformers has no {cfg.arch.upper()} model class (only "
                               f"DeformableDetr); keep this model as a detr_deform or original-format checkpoint")
+    if cfg.backbone == "timm" and cfg.backbone_out_indices is None:  # the default stages, as built
+        cfg = dataclasses.replace(cfg, backbone_out_indices=list(model.backbone[0].out_indices))
     state = model.state_dict()
     tie = not independent_class_heads(state, cfg)
     config = hf_config_from(cfg, class_names, tie_weights=tie)

@@ -3,6 +3,7 @@ and preprocessor_config.json <-> our validation resize (docs/model_zoo.md).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -123,42 +124,54 @@ def _refuse(source: str, field: str, value: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{source}: {field}={value!r} is not supported: {why}")
 
 
-def _backbone_from_hf(config: Mapping[str, Any], source: str) -> tuple[str, bool]:
-    """(our backbone name, dilation) from the timm backbone settings: ``backbone_config``
-    (transformers 5.x) or ``backbone`` / ``backbone_kwargs`` / ``dilation`` (4.x)."""
+def _backbone_from_hf(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Our backbone fields from the timm backbone settings: ``backbone_config`` (transformers
+    5.x) or ``backbone`` / ``backbone_kwargs`` / ``dilation`` (4.x). A timm ResNet is our
+    ResNet backbone (same names, official freezing); any other timm model is our timm
+    backbone with the same ``out_indices`` (the same features_only model transformers builds)."""
     sub = config.get("backbone_config")
     if sub:
         if not isinstance(sub, dict) or sub.get("model_type") != "timm_backbone":
             kind = sub.get("model_type") if isinstance(sub, dict) else sub
             raise _refuse(source, "backbone_config.model_type", kind,
-                          "only timm ResNet backbones (timm_backbone) are supported, not transformers' own backbones")
+                          "only timm backbones (timm_backbone) are supported, not transformers' own backbones")
         prefix, field, name = "backbone_config.", "backbone_config.backbone", sub.get("backbone")
         out_indices, stride, channels = sub.get("out_indices"), sub.get("output_stride"), sub.get("num_channels", 3)
         dilation = stride == 16  # 5.x builds the backbone from backbone_config alone
     else:
         if config.get("use_timm_backbone", True) is not True:
             raise _refuse(source, "use_timm_backbone", config.get("use_timm_backbone"),
-                          "only timm ResNet backbones are supported (and no backbone_config is given)")
+                          "only timm backbones are supported (and no backbone_config is given)")
         kwargs = config.get("backbone_kwargs") or {}
         prefix, field, name = "backbone_kwargs.", "backbone", config.get("backbone", "resnet50")
         out_indices, stride = kwargs.get("out_indices"), kwargs.get("output_stride")
         channels = config.get("num_channels", 3)
         dilation = bool(config.get("dilation") or False) or stride == 16
-    # "resnet50.a1_in1k": the tag after the dot only selects pretrained weights, not the network.
-    arch = name.split(".")[0] if isinstance(name, str) else name
-    if arch not in TIMM_RESNETS:
-        raise _refuse(source, field, name, f"the backbones are timm {', '.join(TIMM_RESNETS)}")
-    if stride not in (None, 32, 16):
-        raise _refuse(source, prefix + "output_stride", stride, "only 32 (default) or 16 (dilation, DC5)")
-    levels = _field(config, "num_feature_levels", int, source)
-    expected = [2, 3, 4] if levels > 1 else [4]
-    if out_indices is not None and list(out_indices) != expected:
-        raise _refuse(source, prefix + "out_indices", out_indices,
-                      f"with num_feature_levels={levels} the backbone must return stages {expected}")
+    if not isinstance(name, str) or not name:
+        raise _refuse(source, field, name, "a timm model name")
     if channels != 3:
         raise _refuse(source, "backbone_config.num_channels" if prefix == "backbone_config." else "num_channels",
                       channels, "RGB images (3 channels) only")
-    return arch, bool(dilation)
+    levels = _field(config, "num_feature_levels", int, source)
+    expected = [2, 3, 4] if levels > 1 else [4]  # transformers' default out_indices
+    # "resnet50.a1_in1k": the tag after the dot only selects pretrained weights, not the network.
+    arch = name.split(".")[0]
+    if arch not in TIMM_RESNETS:
+        if importlib.util.find_spec("timm") is not None:
+            import timm
+            if not timm.is_model(arch):
+                raise _refuse(source, field, name, "not a timm model (our timm backbone builds any timm model "
+                                                   "with features_only)")
+        if stride is not None or dilation:
+            raise _refuse(source, prefix + "output_stride", stride, f"dilation applies to the ResNets only ({arch})")
+        return {"backbone": "timm", "timm_name": arch, "backbone_norm": "frozen_bn",
+                "backbone_out_indices": list(out_indices) if out_indices is not None else expected}
+    if stride not in (None, 32, 16):
+        raise _refuse(source, prefix + "output_stride", stride, "only 32 (default) or 16 (dilation, DC5)")
+    if out_indices is not None and list(out_indices) != expected:
+        raise _refuse(source, prefix + "out_indices", out_indices,
+                      f"with num_feature_levels={levels} the backbone must return stages {expected}")
+    return {"backbone": arch, "dilation": bool(dilation)}
 
 
 def _architecture_from_hf(config: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -181,7 +194,7 @@ def _architecture_from_hf(config: Mapping[str, Any], source: str) -> dict[str, A
     if activation not in ACTIVATIONS:
         raise _refuse(source, "activation_function", activation, f"one of {', '.join(ACTIVATIONS)}")
     values.update(position_embedding=position, activation=activation)
-    values["backbone"], values["dilation"] = _backbone_from_hf(config, source)
+    values.update(_backbone_from_hf(config, source))
     return values
 
 
@@ -252,9 +265,14 @@ def class_names_from_hf(config: Mapping[str, Any], source: str = CONFIG_NAME) ->
 
 def _exportable(cfg: ModelConfig) -> None:
     """Refuses what transformers' DeformableDetr cannot compute as ours does."""
-    if cfg.backbone not in TIMM_RESNETS:
-        raise CheckpointError(f"model.backbone={cfg.backbone!r}: transformers' DeformableDetr has the timm "
-                              f"{', '.join(TIMM_RESNETS)} backbones only; this model cannot be written as HF")
+    if cfg.backbone not in TIMM_RESNETS and cfg.backbone != "timm":
+        raise CheckpointError(f"model.backbone={cfg.backbone!r}: transformers' DeformableDetr takes timm backbones "
+                              f"only (our ResNets are timm's, and model.backbone=timm); this model cannot be written "
+                              f"as HF")
+    if cfg.backbone == "timm" and (cfg.timm_kwargs or cfg.backbone_out_indices is None):
+        raise CheckpointError(f"model.timm_kwargs={cfg.timm_kwargs} / backbone_out_indices="
+                              f"{cfg.backbone_out_indices}: transformers' timm backbone takes the stages "
+                              f"(out_indices) and no other timm arguments")
     if cfg.backbone_norm == "gn":
         raise CheckpointError("model.backbone_norm='gn': transformers' DeformableDetr uses frozen BatchNorm in the "
                               "backbone; a GroupNorm backbone cannot be written as HF")
@@ -287,6 +305,17 @@ def _id2label(num_classes: int, class_names: Mapping[Any, str] | Sequence[str] |
     return {str(i): names.get(i, "N/A") for i in range(num_classes)}
 
 
+def _backbone_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """Our ResNets in the 4.x form (``backbone``: transformers' defaults build them offline);
+    a timm backbone as 5.x's ``backbone_config`` (the 4.x form with out_indices would make
+    transformers 5.x look the name up on the hub)."""
+    if cfg.backbone != "timm":
+        return {"use_timm_backbone": True, "backbone": cfg.backbone, "backbone_config": None}
+    return {"backbone": None, "backbone_config": {"model_type": "timm_backbone", "backbone": cfg.timm_name,
+                                                  "out_indices": list(cfg.backbone_out_indices), "num_channels": 3,
+                                                  "features_only": True}}
+
+
 def hf_config_from(cfg: ModelConfig, class_names: Mapping[Any, str] | Sequence[str] | None = None,
                    tie_weights: bool = True) -> dict[str, Any]:
     """The config.json of ``cfg`` for transformers (4.x and 5.x read it): the timm
@@ -309,7 +338,7 @@ def hf_config_from(cfg: ModelConfig, class_names: Mapping[Any, str] | Sequence[s
         "activation_function": cfg.activation,
         "dropout": cfg.dropout, "attention_dropout": cfg.dropout, "activation_dropout": cfg.dropout,
         "auxiliary_loss": cfg.aux_loss, "focal_alpha": cfg.focal_alpha,
-        "use_timm_backbone": True, "backbone": cfg.backbone, "backbone_config": None,
+        **_backbone_to_hf(cfg),
         "use_pretrained_backbone": False, "num_channels": 3, "return_intermediate": True,
         "disable_custom_kernels": False, "tie_word_embeddings": tie_weights,
         "id2label": id2label, "label2id": {name: int(i) for i, name in id2label.items()},

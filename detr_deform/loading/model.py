@@ -20,15 +20,19 @@ from torch import nn
 
 from detr_deform.io.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, state_dict_of, write_checkpoint
 from detr_deform.io.hf_folder import is_hf_checkpoint
+from detr_deform.io.hub import resolve_checkpoint
 from detr_deform.loading.hf import read_hf
 from detr_deform.models.build import build_model
 from detr_deform.models.config import ModelConfig
 
 
-def read_content(path: str | os.PathLike) -> Any:
+def read_content(path: str | os.PathLike, revision: str | None = None) -> Any:
     """The content of any checkpoint we read: a Hugging Face ``save_pretrained`` folder
     (or its weights file) converted to our layout by :func:`detr_deform.loading.hf.read_hf`, else
-    the file as ``read_checkpoint`` reads it (ours, official). Feed it to ``model_from_content``."""
+    the file as ``read_checkpoint`` reads it (ours, official). A Hugging Face hub id
+    (``org/name``, ``org/name@revision``; ``revision``) is such a folder, from the hub cache
+    (or downloaded; never with ``HF_HUB_OFFLINE=1``). Feed it to ``model_from_content``."""
+    path = resolve_checkpoint(path, revision)
     return read_hf(path) if is_hf_checkpoint(path) else read_checkpoint(path)
 
 
@@ -61,16 +65,16 @@ def config_of(content: Any, path: str | os.PathLike, state: dict[str, torch.Tens
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               cfg: ModelConfig | dict | None = None) -> tuple[nn.Module, ModelConfig]:
+               cfg: ModelConfig | dict | None = None, revision: str | None = None) -> tuple[nn.Module, ModelConfig]:
     """Builds the model a checkpoint describes and loads its weights strictly.
 
     Works for our checkpoints, official model-zoo files and Hugging Face
     ``save_pretrained`` folders of DeformableDetrForObjectDetection (or their
-    ``.safetensors`` / ``pytorch_model.bin`` file with config.json beside it).
-    Returns the model in eval mode on ``device`` and its ModelConfig.
+    ``.safetensors`` / ``pytorch_model.bin`` file with config.json beside it), and hub
+    ids of such folders (``"SenseTime/deformable-detr"``, at ``revision``), read from the
+    Hugging Face cache first. Returns the model in eval mode on ``device`` and its ModelConfig.
     """
-    path = Path(path)
-    return model_from_content(read_content(path), path, device, cfg)
+    return model_from_content(read_content(path, revision), Path(path), device, cfg)
 
 
 def model_from_content(content: Any, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -127,8 +131,8 @@ def init_from(model: nn.Module, path: str | os.PathLike, allow_nonfinite: bool =
 
     Returns {"loaded", "shape_mismatch", "missing", "unexpected"} key lists.
     """
+    state = state_dict_of(read_content(path), Path(path))
     path = Path(path)
-    state = state_dict_of(read_content(path), path)
     bad = [] if allow_nonfinite else nonfinite_tensors(state)
     if bad:
         raise CheckpointError(f"runtime.init_from={path}: {len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[:3]}); "

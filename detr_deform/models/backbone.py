@@ -13,6 +13,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from detr_deform.io.checkpoint import CheckpointError, read_checkpoint, state_dict_of
+from detr_deform.io.hub import hub_file, torchvision_state_dict, torchvision_weights
 from detr_deform.models.config import BACKBONE_NORMS, RESNET_BACKBONES
 from detr_deform.utils.nested_tensor import NestedTensor, mask_to_feature
 
@@ -44,8 +45,12 @@ class ResNetBackbone(nn.Module):
         dilation: DC5, dilation instead of stride in layer4 (Bottleneck ResNets only).
         norm: frozen_bn (official) | bn | sync_bn | gn (trainable, for training from scratch).
         freeze_stem_and_layer1: official behaviour; disable when training from scratch.
-        pretrained: path to a torchvision-format ResNet state dict, "torchvision" for
-            torchvision's ImageNet weights (downloads; needs internet), or None.
+        pretrained: None; a local torchvision-format ResNet state dict (.pth / .safetensors);
+            "torchvision" (IMAGENET1K_V1, the weights of the official code's
+            ``pretrained=True``) or "torchvision:<weights>" (e.g. IMAGENET1K_V2), through the
+            torch hub cache; "hf-hub:<repo>" (a timm ResNet's weights, e.g.
+            hf-hub:timm/resnet50.a1_in1k: timm's ResNets use torchvision's names), through
+            the Hugging Face hub cache.
     """
 
     def __init__(self, name: str = "resnet50", train_backbone: bool = True, return_interm_layers: bool = True,
@@ -56,13 +61,20 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"ResNetBackbone: name must be one of {RESNET_BACKBONES}, got {name!r}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
-        weights = "DEFAULT" if pretrained == "torchvision" else None
-        if weights is not None and norm != "frozen_bn":
-            raise ValueError("pretrained='torchvision' requires norm='frozen_bn'")
+        from_torchvision = pretrained is not None and (pretrained == "torchvision" or
+                                                       pretrained.startswith("torchvision:"))
+        if from_torchvision and norm != "frozen_bn":
+            raise ValueError(f"pretrained={pretrained!r} requires norm='frozen_bn'")
         resnet = getattr(torchvision.models, name)(
-            weights=weights, replace_stride_with_dilation=[False, False, dilation], norm_layer=_norm_layer(norm)
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=_norm_layer(norm)
         )
-        if pretrained not in (None, "torchvision"):
+        if from_torchvision:
+            choice = "IMAGENET1K_V1" if pretrained == "torchvision" else pretrained[len("torchvision:"):]
+            weights = torchvision_weights(choice, name)
+            resnet.load_state_dict(torchvision_state_dict(weights, f"model.pretrained_backbone={pretrained}"))
+        elif pretrained is not None and pretrained.startswith("hf-hub:"):
+            load_resnet_weights(resnet, str(hub_file(pretrained[len("hf-hub:"):])), pretrained)
+        elif pretrained is not None:
             load_resnet_weights(resnet, pretrained)
         for param_name, parameter in resnet.named_parameters():
             trainable_layer = any(f"layer{i}" in param_name for i in (2, 3, 4)) or not freeze_stem_and_layer1
@@ -82,13 +94,19 @@ class ResNetBackbone(nn.Module):
         return [NestedTensor(x, mask_to_feature(tensor_list.mask, x.shape[-2:])) for _, x in sorted(features.items())]
 
 
-def load_resnet_weights(resnet: nn.Module, path: str) -> None:
-    """Loads a torchvision-format ResNet state dict (fc weights ignored), read
-    safely like every checkpoint; CheckpointError naming the file otherwise."""
+def load_resnet_weights(resnet: nn.Module, path: str, source: str | None = None) -> None:
+    """Loads a torchvision-format ResNet state dict (.pth, or .safetensors; fc weights
+    ignored), read safely like every checkpoint; CheckpointError naming the file (or
+    ``source``, the name it was fetched by) otherwise."""
     if not Path(path).is_file():
         raise CheckpointError(f"model.pretrained_backbone: backbone weights file not found: {path} "
                               f"(set it to a local torchvision-format ResNet .pth)")
-    state = state_dict_of(read_checkpoint(path), path)
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = state_dict_of(read_checkpoint(path), path)
+    path = source or path
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = resnet.state_dict()
     wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"

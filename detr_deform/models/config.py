@@ -35,7 +35,7 @@ class ModelConfig:
     backbone_norm: str = choice(BACKBONE_NORMS, default="frozen_bn")
     train_backbone: bool = True               # official: lr_backbone > 0
     freeze_stem_and_layer1: bool = True
-    pretrained_backbone: str | None = None    # local .pth, "torchvision" (online), or None
+    pretrained_backbone: str | None = None    # local file | torchvision[:<weights>] | timm | hf-hub:<repo> | None
     # DAT backbones (backbone=dat_tiny|dat_small|dat_base)
     backbone_out_indices: list[int] | None = None    # stages fed to the transformer; None: 1,2,3 (or 3)
     backbone_drop_path_rate: float | None = bounded(None, ge=0, lt=1)  # None: the preset's (0.2 / 0.3 / 0.5)
@@ -138,8 +138,16 @@ class ModelConfig:
         if self.dilation and self.backbone not in ("resnet50", "resnet101"):
             raise ValueError(f"model.dilation=true (DC5) applies to ResNet backbones only, with Bottleneck blocks "
                              f"(resnet50/resnet101), not model.backbone={self.backbone}")
-        if self.pretrained_backbone == "torchvision" and self.backbone_norm != "frozen_bn":
-            raise ValueError("model.pretrained_backbone=torchvision requires model.backbone_norm=frozen_bn")
+        weights = self.pretrained_backbone or ""
+        from_torchvision = weights == "torchvision" or weights.startswith("torchvision:")
+        if from_torchvision and self.backbone_norm != "frozen_bn":
+            raise ValueError(f"model.pretrained_backbone={weights} requires model.backbone_norm=frozen_bn")
+        if weights == "timm" and self.backbone != "timm":
+            raise ValueError(f"model.pretrained_backbone=timm is for model.backbone=timm; the {self.backbone} "
+                             f"backbone takes torchvision[:<weights>], hf-hub:<repo> (ResNets) or a local file")
+        if (from_torchvision or weights.startswith("hf-hub:")) and self.backbone in DAT_BACKBONES:
+            raise ValueError(f"model.pretrained_backbone={weights}: DAT backbones take a local file (the official "
+                             f"dat_*_in1k_*.pth; docs/dat.md)")
         if self.backbone == "timm":
             if not self.timm_name:
                 raise ValueError("model.backbone=timm needs model.timm_name (e.g. convnext_tiny, "
@@ -147,9 +155,9 @@ class ModelConfig:
             if self.backbone_norm == "gn":
                 raise ValueError("model.backbone_norm=gn applies to our ResNets; a timm backbone keeps its own norms: "
                                  "set model.backbone_norm=frozen_bn (freezes its BatchNorms) or bn (trains them)")
-            if self.pretrained_backbone == "torchvision":
-                raise ValueError("model.pretrained_backbone=torchvision is for ResNets; timm backbones take 'timm' "
-                                 "(timm's weights) or a local file")
+            if from_torchvision:
+                raise ValueError(f"model.pretrained_backbone={weights} is for ResNets; timm backbones take 'timm' "
+                                 f"(timm's weights), hf-hub:<repo> or a local file")
             return  # stages and strides are checked against timm's feature_info when the model is built
         if self.timm_name is not None:
             raise ValueError(f"model.timm_name={self.timm_name} needs model.backbone=timm (now "

@@ -2,10 +2,14 @@
 (``model.backbone=timm model.timm_name=<name>``; docs/backbones.md).
 
 Channels and strides come from timm's ``feature_info``. Transformer backbones that
-support it (Swin, ViT-style ``dynamic_img_size``) are built for any input size; the
+support it (Swin, ViT-style ``dynamic_img_size``) are built for any input size; their
 batch is padded (and its mask with it) to a multiple of the largest stride so that
-every stage's patches and windows tile it. Channels-last outputs (NHWC) are permuted
-to NCHW.
+every stage's patches and windows tile it. Convolutional backbones see the batch as it
+is (as in transformers' DeformableDetr with a timm backbone: the same outputs).
+Channels-last outputs (NHWC) are permuted to NCHW.
+
+``pretrained``: timm's own pretrained weights (``timm``), those of a Hugging Face hub
+repository (``hf-hub:<repo>``, loaded by timm for this architecture), or a local file.
 """
 from __future__ import annotations
 
@@ -31,19 +35,32 @@ def _timm():
     return timm
 
 
-def _create(name: str, **kwargs) -> nn.Module:
+def _create(name: str, **kwargs) -> tuple[nn.Module, bool]:
+    """The features_only model, and whether it was built for any input size by padding
+    (a transformer: its patches and windows must tile the input)."""
     timm = _timm()
     if not timm.is_model(name):
         raise ValueError(f"model.timm_name={name!r} is not a timm model (timm.list_models('*{name[:6]}*') lists "
                          f"similar names)")
     try:  # any input size for transformers that can take it (Swin, ViT-style dynamic_img_size)
-        return timm.create_model(name, features_only=True, strict_img_size=False, dynamic_img_size=True, **kwargs)
+        return timm.create_model(name, features_only=True, strict_img_size=False, dynamic_img_size=True,
+                                 **kwargs), True
     except TypeError:
         pass
     try:
-        return timm.create_model(name, features_only=True, **kwargs)
+        return timm.create_model(name, features_only=True, **kwargs), False
     except RuntimeError as error:  # "features_only not implemented for ..."
         raise ValueError(f"model.timm_name={name}: timm cannot build it with features_only ({error})") from None
+
+
+def _pretrained_kwargs(pretrained: str | None) -> dict:
+    """timm.create_model arguments for ``pretrained``: timm's weights, a hub repository's, or none
+    (a local file is loaded after building)."""
+    if pretrained == "timm":
+        return {"pretrained": True}
+    if pretrained is not None and pretrained.startswith("hf-hub:"):
+        return {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:"):]}}
+    return {"pretrained": False}
 
 
 def default_out_indices(reductions: Sequence[int], multi_scale: bool) -> list[int]:
@@ -74,7 +91,7 @@ class TimmBackbone(nn.Module):
                  frozen_bn: bool = False, grad_checkpointing: bool = False, kwargs: dict | None = None) -> None:
         super().__init__()
         kwargs = dict(kwargs or {})
-        probe = _create(name, pretrained=False, **kwargs)
+        probe, padded = _create(name, pretrained=False, **kwargs)
         reductions, channels = probe.feature_info.reduction(), probe.feature_info.channels()
         indices = list(out_indices) if out_indices is not None else default_out_indices(reductions, multi_scale)
         if not indices or any(i not in range(len(reductions)) for i in indices) or indices != sorted(set(indices)):
@@ -85,23 +102,20 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"timm model {name} has strides {reductions}, not 8, 16 and 32; choose its stages with "
                              f"model.backbone_out_indices")
         del probe
+        remote = _pretrained_kwargs(pretrained)
         try:
-            self.body = _create(name, pretrained=pretrained == "timm", out_indices=tuple(indices), **kwargs)
-        except (OSError, ValueError) as error:  # offline without the weights in the hub cache, and the like
-            if pretrained != "timm":
+            self.body, _ = _create(name, out_indices=tuple(indices), **remote, **kwargs)
+        except (OSError, ValueError, RuntimeError) as error:  # offline without the weights in the hub cache, ...
+            if not remote["pretrained"]:
                 raise
-            from detr_deform.io.checkpoint import CheckpointError
-            raise CheckpointError(
-                f"model.pretrained_backbone=timm: timm could not get the weights of {name} ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:160]}); where there is internet, fill the Hugging Face hub cache with "
-                f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" (offline runs read it, "
-                f"HF_HUB_OFFLINE=1), or give a local weights file") from None
-        if pretrained not in (None, "timm"):
+            raise _weights_error(name, pretrained, error) from None
+        if not remote["pretrained"] and pretrained is not None:
             _load_local(self.body, pretrained)
+        self.out_indices = indices
         self.strides = [reductions[i] for i in indices]
         self.num_channels = [channels[i] for i in indices]
         self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
-        self.pad_multiple = max(self.strides)
+        self.pad_multiple = max(self.strides) if padded else 1
         if frozen_bn:
             from timm.layers import freeze_batch_norm_2d
             self.body = freeze_batch_norm_2d(self.body)
@@ -137,6 +151,21 @@ class TimmBackbone(nn.Module):
         if self.channels_last:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
         return [NestedTensor(f, mask_to_feature(mask, f.shape[-2:])) for f in features]
+
+
+def _weights_error(name: str, pretrained: str, error: Exception) -> Exception:
+    """One line: the weights timm could not get, and how to put them in the hub cache."""
+    from detr_deform.io.checkpoint import CheckpointError
+    from detr_deform.io.hub import prefetch_hint
+
+    if pretrained == "timm":
+        fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+    else:
+        fetch = prefetch_hint(pretrained[len("hf-hub:"):])
+    return CheckpointError(
+        f"model.pretrained_backbone={pretrained}: timm could not get the weights of {name} ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:160]}); where there is internet, fill the Hugging Face hub cache with `{fetch}` "
+        f"(offline runs read it, HF_HUB_OFFLINE=1), or give a local weights file")
 
 
 def _load_local(model: nn.Module, path: str) -> None:

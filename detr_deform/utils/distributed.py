@@ -11,12 +11,16 @@ import datetime
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from detr_deform.utils.device import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,6 +144,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def rank_zero_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on each node's local rank 0 first, then (after a barrier) on the other ranks:
+    the first downloads into the node's cache, the others read it. Every rank reaches the
+    barrier even when the first call fails (the others then fail with the same one line, or
+    succeed)."""
+    if not is_initialized() or world_size() == 1:
+        return fn()
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        try:
+            return fn()
+        finally:
+            barrier()
+    barrier()
+    return fn()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

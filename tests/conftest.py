@@ -76,14 +76,15 @@ SLOW_MODULES = {
     "test_training_features", "test_robustness", "test_training_faults", "test_lost_work", "test_tools",
     "test_data_robustness", "test_gpu_check", "test_overfit", "test_train_pipeline", "test_loader_faults",
     "test_input_limits", "test_config", "test_kernel_report", "test_hf", "test_newcomer", "test_distributed_step",
-    "test_file_modes",
+    "test_file_modes", "test_custom_datasets",
 }
 # Modules that run a tool or a launcher in a new interpreter (some of their tests only).
 SUBPROCESS_MODULES = SLOW_MODULES - {"test_overfit"} | {
-    "test_convert", "test_dat", "test_ops_build", "test_video", "test_ms_deform_attn_sizes", "test_tool_startup"}
+    "test_convert", "test_dat", "test_ops_build", "test_video", "test_ms_deform_attn_sizes", "test_tool_startup",
+    "test_hub"}
 # Modules whose tests (those naming torchrun / DDP / ranks / nodes) form a torch.distributed group.
 DISTRIBUTED_MODULES = {"test_distributed_step", "test_loader_faults", "test_lost_work", "test_train_pipeline",
-                       "test_training_faults"}
+                       "test_training_faults", "test_hub"}
 DISTRIBUTED_WORDS = ("ddp", "torchrun", "distributed", "rank", "node", "launcher")
 
 
